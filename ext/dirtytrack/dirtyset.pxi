@@ -1,0 +1,349 @@
+# dirtyset.pxi - DirtySet: a bitmap of written pages with run-level access and
+# a compact wire encoding.  Page-touching loops run without the GIL.
+
+cdef enum:
+    ENCODING_VERSION = 1
+    KIND_RUNS = 0
+    KIND_BITMAP = 1
+    FLAG_LOST = 1
+
+# 2**40 pages = 4 PiB of 4 KiB pages: far beyond any address space, small
+# enough that a hostile encoding cannot ask for an absurd allocation.
+cdef uint64_t MAX_PAGES = (<uint64_t>1) << 40
+
+
+cdef inline uint64_t varint_size(uint64_t v) noexcept nogil:
+    cdef uint64_t n = 1
+    while v >= 0x80:
+        v >>= 7
+        n += 1
+    return n
+
+
+cdef inline uint8_t *varint_put(uint8_t *p, uint64_t v) noexcept nogil:
+    while v >= 0x80:
+        p[0] = <uint8_t>((v & 0x7f) | 0x80)
+        p += 1
+        v >>= 7
+    p[0] = <uint8_t>v
+    return p + 1
+
+
+cdef inline int varint_get(const uint8_t **p, const uint8_t *end, uint64_t *out) noexcept nogil:
+    """Decode one LEB128 value; 0 on success, -1 on truncation or overflow."""
+    cdef uint64_t v = 0
+    cdef unsigned shift = 0
+    cdef uint8_t b
+    while True:
+        if p[0] >= end or shift > 63:
+            return -1
+        b = p[0][0]
+        p[0] += 1
+        if shift == 63 and (b & 0x7e):
+            return -1
+        v |= (<uint64_t>(b & 0x7f)) << shift
+        if not (b & 0x80):
+            out[0] = v
+            return 0
+        shift += 7
+
+
+cdef inline uint64_t runs_encoded_size(const uint64_t *w, uint64_t npages) noexcept nogil:
+    """Bytes the run body (gap, length varints) of this bitmap would take."""
+    cdef uint64_t size = 0
+    cdef uint64_t prev = 0
+    cdef uint64_t first = bits_find(w, npages, 0, 1)
+    cdef uint64_t stop
+    while first < npages:
+        stop = bits_find(w, npages, first, 0)
+        size += varint_size(first - prev) + varint_size(stop - first)
+        prev = stop
+        first = bits_find(w, npages, stop, 1)
+    return size
+
+
+def _join_reasons(a, b):
+    if a is None:
+        return b
+    if b is None or b == a:
+        return a
+    return f"{a}; {b}"
+
+
+@cython.final
+cdef class DirtySet:
+    """The set of pages written in some interval, one bit per page.
+
+    Page numbers are relative to the start of what was tracked. When
+    ``lost_reason`` is set the tracker could not prove the set complete: every
+    page is in the set and the reader must resend everything (full resync).
+    """
+    cdef uint64_t *words
+    cdef readonly uint64_t npages
+    cdef uint64_t nwords
+    cdef readonly object lost_reason
+
+    def __cinit__(self, uint64_t npages, *, lost_reason=None):
+        if npages > MAX_PAGES:
+            raise ValueError(f"npages {npages} exceeds the supported maximum {MAX_PAGES}")
+        self.npages = npages
+        self.nwords = words_for(npages)
+        self.words = <uint64_t *>calloc(self.nwords if self.nwords else 1, sizeof(uint64_t))
+        if self.words == NULL:
+            raise MemoryError()
+        self.lost_reason = None
+        if lost_reason is not None:
+            self.mark_lost(lost_reason)
+
+    def __dealloc__(self):
+        free(self.words)
+        self.words = NULL
+
+    # -- building ---------------------------------------------------------
+    cdef inline int _check_page(self, uint64_t page) except -1:
+        if page >= self.npages:
+            raise IndexError(f"page {page} is outside [0, {self.npages})")
+        return 0
+
+    def add(self, uint64_t page):
+        self._check_page(page)
+        self.words[page >> 6] |= (<uint64_t>1) << (page & 63)
+
+    def add_range(self, uint64_t first, uint64_t stop):
+        """Add pages ``[first, stop)``."""
+        if first > stop or stop > self.npages:
+            raise IndexError(f"range [{first}, {stop}) is outside [0, {self.npages})")
+        with nogil:
+            bits_set_range(self.words, first, stop)
+
+    def add_runs(self, RunList runs not None):
+        """OR a scan's runs into this set (and its lost state, if any)."""
+        if runs.npages != self.npages:
+            raise ValueError(f"run list covers {runs.npages} pages, this set {self.npages}")
+        cdef uint64_t i
+        cdef const uint64_t *data = runs.buf.data
+        with nogil:
+            for i in range(runs.buf.n):
+                bits_set_range(self.words, data[2 * i], data[2 * i + 1])
+        if runs.lost_reason is not None:
+            self.lost_reason = _join_reasons(self.lost_reason, runs.lost_reason)
+
+    def mark_lost(self, reason):
+        """Tracking could not be proven complete: the set becomes every page."""
+        self.lost_reason = _join_reasons(self.lost_reason, str(reason))
+        with nogil:
+            bits_set_range(self.words, 0, self.npages)
+
+    def clear(self):
+        """Empty the set, forgetting any lost state."""
+        memset(self.words, 0, self.nwords * sizeof(uint64_t))
+        self.lost_reason = None
+
+    def copy(self):
+        cdef DirtySet other = DirtySet(self.npages)
+        memcpy(other.words, self.words, self.nwords * sizeof(uint64_t))
+        other.lost_reason = self.lost_reason
+        return other
+
+    def __ior__(self, other):
+        if not isinstance(other, DirtySet):
+            return NotImplemented
+        cdef DirtySet o = <DirtySet>other
+        if o.npages != self.npages:
+            raise ValueError(f"cannot merge a set of {o.npages} pages into one of {self.npages}")
+        cdef uint64_t i
+        with nogil:
+            for i in range(self.nwords):
+                self.words[i] |= o.words[i]
+        self.lost_reason = _join_reasons(self.lost_reason, o.lost_reason)
+        return self
+
+    def __or__(self, other):
+        if not isinstance(self, DirtySet) or not isinstance(other, DirtySet):
+            return NotImplemented
+        result = self.copy()
+        result |= other
+        return result
+
+    # -- reading ----------------------------------------------------------
+    @property
+    def lost(self):
+        return self.lost_reason is not None
+
+    @property
+    def count(self):
+        """Number of pages in the set."""
+        cdef uint64_t total
+        with nogil:
+            total = bits_count(self.words, self.nwords)
+        return total
+
+    def __len__(self):
+        return <Py_ssize_t>self.count
+
+    def __bool__(self):
+        return bits_find(self.words, self.npages, 0, 1) < self.npages
+
+    def __contains__(self, page):
+        if not isinstance(page, int) or page < 0 or page >= self.npages:
+            return False
+        cdef uint64_t p = page
+        return (self.words[p >> 6] >> (p & 63)) & 1 == 1
+
+    def __iter__(self):
+        for first, stop in self.runs():
+            yield from range(first, stop)
+
+    def pages(self):
+        """Every page in the set, ascending."""
+        return list(self)
+
+    def ranges(self):
+        """The set as ascending ``(first, stop)`` page runs, ``stop`` exclusive."""
+        return list(self.runs())
+
+    def runs(self):
+        """A RunList of the set, computed without the GIL."""
+        cdef RunList out = RunList(self.npages)
+        cdef uint64_t first, stop
+        cdef int err = 0
+        with nogil:
+            first = bits_find(self.words, self.npages, 0, 1)
+            while first < self.npages and not err:
+                stop = bits_find(self.words, self.npages, first, 0)
+                err = runbuf_append(&out.buf, first, stop)
+                first = bits_find(self.words, self.npages, stop, 1)
+        if err:
+            raise MemoryError()
+        out.lost_reason = self.lost_reason
+        return out
+
+    def __eq__(self, other):
+        if not isinstance(other, DirtySet):
+            return NotImplemented
+        cdef DirtySet o = <DirtySet>other
+        return (self.npages == o.npages and self.lost_reason == o.lost_reason
+                and memcmp(self.words, o.words, self.nwords * sizeof(uint64_t)) == 0)
+
+    __hash__ = None
+
+    def __repr__(self):
+        lost = f", lost={self.lost_reason!r}" if self.lost_reason is not None else ""
+        return f"<DirtySet {self.count} of {self.npages} pages{lost}>"
+
+    # -- wire encoding ----------------------------------------------------
+    def encode(self):
+        """Compact bytes: page runs or a raw bitmap, whichever is smaller.
+
+        Layout: b"DT", version u8, kind u8 (0 runs, 1 bitmap), flags u8
+        (1 = lost), npages varint, [reason length varint + UTF-8 if lost],
+        then for runs: count varint and (gap, length) varint pairs; for a
+        bitmap: ceil(npages / 8) bytes, page i at bit i % 8 of byte i // 8.
+        """
+        reason = self.lost_reason.encode() if self.lost_reason is not None else b""
+        cdef uint64_t nruns, runs_body, bitmap_body
+        with nogil:
+            nruns = bits_count_runs(self.words, self.nwords)
+            runs_body = varint_size(nruns) + runs_encoded_size(self.words, self.npages)
+        bitmap_body = (self.npages + 7) // 8
+        cdef int kind = KIND_RUNS if runs_body <= bitmap_body else KIND_BITMAP
+        cdef uint64_t body = runs_body if kind == KIND_RUNS else bitmap_body
+        cdef uint64_t header = 5 + varint_size(self.npages)
+        if self.lost_reason is not None:
+            header += varint_size(len(reason)) + len(reason)
+        out = bytearray(header + body)
+        cdef uint8_t *start = out
+        cdef uint8_t *p = start
+        cdef uint64_t first, stop, prev = 0
+        p[0] = b'D'; p[1] = b'T'; p[2] = ENCODING_VERSION; p[3] = kind
+        p[4] = FLAG_LOST if self.lost_reason is not None else 0
+        p = varint_put(p + 5, self.npages)
+        if self.lost_reason is not None:
+            p = varint_put(p, len(reason))
+            memcpy(p, <const char *>reason, len(reason))
+            p += len(reason)
+        with nogil:
+            if kind == KIND_RUNS:
+                p = varint_put(p, nruns)
+                first = bits_find(self.words, self.npages, 0, 1)
+                while first < self.npages:
+                    stop = bits_find(self.words, self.npages, first, 0)
+                    p = varint_put(p, first - prev)
+                    p = varint_put(p, stop - first)
+                    prev = stop
+                    first = bits_find(self.words, self.npages, stop, 1)
+            else:
+                # Words are little-endian on every supported target, so their
+                # bytes are already in wire order.
+                memcpy(p, self.words, bitmap_body)
+                p += bitmap_body
+        assert <uint64_t>(p - start) == header + body
+        return bytes(out)
+
+    @staticmethod
+    def decode(data):
+        """Inverse of encode(). Malformed input raises ValueError."""
+        cdef const uint8_t[::1] view = memoryview(data).cast("B")
+        cdef Py_ssize_t size = view.shape[0]
+        if size < 6:
+            raise ValueError("dirty set encoding is truncated")
+        cdef const uint8_t *p = &view[0]
+        cdef const uint8_t *end = p + size
+        if p[0] != b'D' or p[1] != b'T':
+            raise ValueError("not a dirty set encoding (bad magic)")
+        if p[2] != ENCODING_VERSION:
+            raise ValueError(f"dirty set encoding version {p[2]} is not supported (expected {ENCODING_VERSION})")
+        cdef int kind = p[3]
+        cdef int flags = p[4]
+        if kind not in (KIND_RUNS, KIND_BITMAP) or flags & ~FLAG_LOST:
+            raise ValueError("dirty set encoding has an unknown kind or flag")
+        p += 5
+        cdef uint64_t npages, nreason, nruns, gap, length, i, pos = 0, body
+        if varint_get(&p, end, &npages) or npages > MAX_PAGES:
+            raise ValueError("dirty set encoding has a bad page count")
+        reason = None
+        if flags & FLAG_LOST:
+            if varint_get(&p, end, &nreason) or nreason > <uint64_t>(end - p):
+                raise ValueError("dirty set encoding has a truncated lost reason")
+            reason = (<const char *>p)[:nreason].decode("utf-8", "replace")
+            p += nreason
+        cdef DirtySet d = DirtySet(npages)
+        cdef int bad = 0
+        if kind == KIND_RUNS:
+            if varint_get(&p, end, &nruns):
+                raise ValueError("dirty set encoding has a bad run count")
+            with nogil:
+                for i in range(nruns):
+                    if varint_get(&p, end, &gap) or varint_get(&p, end, &length):
+                        bad = 1
+                        break
+                    if (length == 0 or gap > npages - pos or length > npages - pos - gap
+                            or (i and gap == 0)):
+                        bad = 2
+                        break
+                    bits_set_range(d.words, pos + gap, pos + gap + length)
+                    pos += gap + length
+            if bad == 1:
+                raise ValueError("dirty set encoding has a truncated run")
+            if bad == 2:
+                raise ValueError("dirty set encoding has a run outside the page range or out of order")
+        else:
+            body = (npages + 7) // 8
+            if <uint64_t>(end - p) < body:
+                raise ValueError("dirty set encoding has a truncated bitmap")
+            memcpy(d.words, p, body)
+            p += body
+            if npages & 7 and ((p - 1)[0] >> (npages & 7)):
+                raise ValueError("dirty set encoding sets pages beyond its page count")
+        if p != end:
+            raise ValueError("dirty set encoding has trailing bytes")
+        if reason is not None:
+            d.mark_lost(reason)
+        return d
+
+    @staticmethod
+    def from_pages(uint64_t npages, pages):
+        cdef DirtySet d = DirtySet(npages)
+        for page in pages:
+            d.add(page)
+        return d

@@ -1,0 +1,43 @@
+"""Build dirtytrack: Python sources from service/, the compiled core from ext/.
+
+Options (environment):
+  DIRTYTRACK_ANNOTATE=1  write Cython's HTML annotation next to the sources
+  DIRTYTRACK_DEBUG=1     build with -O0 -g and Cython line tracing off
+"""
+import os
+import platform
+import sys
+
+from setuptools import Extension, setup
+
+if not sys.platform.startswith("linux"):
+    sys.exit("dirtytrack tracks Linux processes: it builds only on Linux")
+if platform.machine() not in ("x86_64", "aarch64"):
+    sys.exit(f"dirtytrack supports x86_64 and aarch64, not {platform.machine()}")
+
+from Cython.Build import cythonize  # noqa: E402  (after the platform checks)
+
+debug = os.environ.get("DIRTYTRACK_DEBUG") == "1"
+extra = ["-O0", "-g"] if debug else ["-O2"]
+
+extensions = [
+    Extension(
+        "dirtytrack._core",
+        ["ext/dirtytrack/_core.pyx"],
+        include_dirs=["ext/dirtytrack"],
+        extra_compile_args=extra + ["-Wno-unused-function"],
+        depends=["ext/dirtytrack/kernel_abi.h"] + [
+            os.path.join("ext/dirtytrack", name)
+            for name in os.listdir("ext/dirtytrack") if name.endswith((".pxi", ".pxd"))
+        ],
+    ),
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        include_path=["ext"],
+        compiler_directives={"language_level": 3, "embedsignature": True},
+        annotate=os.environ.get("DIRTYTRACK_ANNOTATE") == "1",
+    ),
+)
