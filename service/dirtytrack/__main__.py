@@ -1,0 +1,5 @@
+import sys
+
+from dirtytrack.cli import main
+
+sys.exit(main())
