@@ -104,8 +104,13 @@ def error_for(op: str, err: int, start: int | None = None, end: int | None = Non
                 "a debugger or the program itself): close that tracker first", err)
         if err == _errno.EINVAL:
             return InvalidRange(
-                f"cannot track{where}: part of it is not mapped, or its mapping type cannot be "
-                "write-protected (device or PFN mappings). Check /proc/PID/maps", err)
+                f"cannot track{where}: for hugetlb mappings start and length must be multiples "
+                "of the huge page size; otherwise the mapping type cannot be write-protected "
+                "(e.g. VM_DROPPABLE). Check /proc/PID/smaps (KernelPageSize)", err)
+        if err == _errno.EPERM:
+            return InvalidRange(
+                f"cannot track{where}: the mapping can never be written (a shared mapping of a "
+                "file opened read-only)", err)
         if err == _errno.ENOMEM:
             return InvalidRange(f"cannot track{where}: the process's address space is gone "
                                 "(it exited) or the kernel is out of memory", err)
