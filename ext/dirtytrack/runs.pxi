@@ -10,11 +10,14 @@ cdef struct RunBuf:
 
 cdef inline int runbuf_append(RunBuf *rb, uint64_t first, uint64_t stop) noexcept nogil:
     """Append [first, stop); merges with the previous run when they touch.
-    Runs must arrive in ascending order. Returns 0, or ENOMEM."""
+    Runs must arrive in ascending order. Returns 0, ENOMEM, or EIO for a run
+    that starts before the previous one (the caller must treat that as lost)."""
     cdef uint64_t *grown
     cdef uint64_t newcap
     if first >= stop:
         return 0
+    if rb.n and first < rb.data[2 * rb.n - 2]:
+        return EIO          # out of order: never drop a run silently
     if rb.n and rb.data[2 * rb.n - 1] >= first:
         if stop > rb.data[2 * rb.n - 1]:
             rb.data[2 * rb.n - 1] = stop

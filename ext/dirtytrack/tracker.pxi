@@ -58,6 +58,13 @@ cdef int scan_range(int pagemap_fd, page_region *vec, uint64_t vec_len,
         if arg.walk_end <= pos or arg.walk_end > end:
             return EIO
         pos = arg.walk_end
+        # Kernel quirk (6.7-6.18 do_pagemap_scan): once its 512-entry bounce
+        # buffer fills and is flushed, a call that then finishes the range
+        # returns the first chunk's stale walk_end. The walk is ascending, so
+        # everything below the last region returned was walked: resume past
+        # it, or runs would arrive out of order.
+        if n > 0 and vec[n - 1].end > pos:
+            pos = vec[n - 1].end if vec[n - 1].end < end else end
     return 0
 
 
@@ -145,7 +152,8 @@ def _scan_error_reason(int err, uint64_t start, uint64_t end):
         return (f"tracking of {rng} was lost: part of it is no longer registered for "
                 "write-protect (the mapping was moved by mremap, or unmapped and mapped again)")
     if err == EIO:
-        return f"the scan of {rng} made no progress (kernel walk_end did not advance)"
+        return (f"the scan of {rng} could not be trusted (the kernel's walk_end did not "
+                "advance, or its runs came out of order)")
     if err == ENOMEM:
         return f"out of memory while scanning {rng}"
     return f"the scan of {rng} failed: {os.strerror(err)}"
