@@ -62,12 +62,28 @@ cdef inline uint64_t runs_encoded_size(const uint64_t *w, uint64_t npages) noexc
     return size
 
 
+cdef inline int runs_validate(const uint8_t **p, const uint8_t *end, uint64_t nruns,
+                              uint64_t npages) noexcept nogil:
+    """Check a run body: 0 valid, 1 truncated, 2 out of range or order."""
+    cdef uint64_t i, gap, length, pos = 0
+    for i in range(nruns):
+        if varint_get(p, end, &gap) or varint_get(p, end, &length):
+            return 1
+        if length == 0 or gap > npages - pos or length > npages - pos - gap or (i and gap == 0):
+            return 2
+        pos += gap + length
+    return 0
+
+
 def _join_reasons(a, b):
+    """Both reasons, each said once (merging the same loss again adds nothing)."""
     if a is None:
         return b
-    if b is None or b == a:
+    if b is None:
         return a
-    return f"{a}; {b}"
+    parts = a.split("; ")
+    parts += [part for part in b.split("; ") if part not in parts]
+    return "; ".join(parts)
 
 
 @cython.final
@@ -240,7 +256,8 @@ cdef class DirtySet:
         then for runs: count varint and (gap, length) varint pairs; for a
         bitmap: ceil(npages / 8) bytes, page i at bit i % 8 of byte i // 8.
         """
-        reason = self.lost_reason.encode() if self.lost_reason is not None else b""
+        reason = (self.lost_reason.encode("utf-8", "replace")
+                  if self.lost_reason is not None else b"")
         cdef uint64_t nruns, runs_body, bitmap_body
         with nogil:
             nruns = bits_count_runs(self.words, self.nwords)
@@ -298,7 +315,8 @@ cdef class DirtySet:
         if kind not in (KIND_RUNS, KIND_BITMAP) or flags & ~FLAG_LOST:
             raise ValueError("dirty set encoding has an unknown kind or flag")
         p += 5
-        cdef uint64_t npages, nreason, nruns, gap, length, i, pos = 0, body
+        cdef uint64_t npages, nreason, nruns, i, pos = 0, body
+        cdef uint64_t gap = 0, length = 0
         if varint_get(&p, end, &npages) or npages > MAX_PAGES:
             raise ValueError("dirty set encoding has a bad page count")
         reason = None
@@ -307,36 +325,41 @@ cdef class DirtySet:
                 raise ValueError("dirty set encoding has a truncated lost reason")
             reason = (<const char *>p)[:nreason].decode("utf-8", "replace")
             p += nreason
-        cdef DirtySet d = DirtySet(npages)
+        # Validate the whole body before allocating the bitmap it claims, so
+        # a few hostile bytes cannot ask for gigabytes.
+        cdef const uint8_t *body_start
         cdef int bad = 0
+        cdef DirtySet d
         if kind == KIND_RUNS:
-            if varint_get(&p, end, &nruns):
+            if varint_get(&p, end, &nruns) or nruns > <uint64_t>(end - p):
                 raise ValueError("dirty set encoding has a bad run count")
+            body_start = p
             with nogil:
-                for i in range(nruns):
-                    if varint_get(&p, end, &gap) or varint_get(&p, end, &length):
-                        bad = 1
-                        break
-                    if (length == 0 or gap > npages - pos or length > npages - pos - gap
-                            or (i and gap == 0)):
-                        bad = 2
-                        break
-                    bits_set_range(d.words, pos + gap, pos + gap + length)
-                    pos += gap + length
+                bad = runs_validate(&p, end, nruns, npages)
             if bad == 1:
                 raise ValueError("dirty set encoding has a truncated run")
             if bad == 2:
                 raise ValueError("dirty set encoding has a run outside the page range or out of order")
+            if p != end:
+                raise ValueError("dirty set encoding has trailing bytes")
+            d = DirtySet(npages)
+            p = body_start
+            with nogil:
+                for i in range(nruns):
+                    varint_get(&p, end, &gap)
+                    varint_get(&p, end, &length)
+                    bits_set_range(d.words, pos + gap, pos + gap + length)
+                    pos += gap + length
         else:
             body = (npages + 7) // 8
             if <uint64_t>(end - p) < body:
                 raise ValueError("dirty set encoding has a truncated bitmap")
-            memcpy(d.words, p, body)
-            p += body
-            if npages & 7 and ((p - 1)[0] >> (npages & 7)):
+            if <uint64_t>(end - p) > body:
+                raise ValueError("dirty set encoding has trailing bytes")
+            if npages & 7 and ((p + body - 1)[0] >> (npages & 7)):
                 raise ValueError("dirty set encoding sets pages beyond its page count")
-        if p != end:
-            raise ValueError("dirty set encoding has trailing bytes")
+            d = DirtySet(npages)
+            memcpy(d.words, p, body)
         if reason is not None:
             d.mark_lost(reason)
         return d
