@@ -348,6 +348,15 @@ def find_syscall_insn(int pid):
     return None
 
 
+def _address_space_gone(pid):
+    """True if pid has exited or is exiting: its /proc maps are gone or empty."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return not maps.read(1)
+    except OSError:
+        return True
+
+
 # -- choosing the thread ---------------------------------------------------------
 # Syscalls that return EINTR to the program, with no restart, when their thread
 # is merely stopped and resumed (signal(7), "Interruption of system calls ...
@@ -421,9 +430,11 @@ def _we_have_cap_sys_ptrace():
 
 def _seize_denied(pid, int err):
     from dirtytrack.errors import ProcessGone, PtraceDenied
-    if err == ESRCH:
-        return ProcessGone(f"process {pid} exited before it could be attached", err)
     status = _status_fields(pid)
+    # ptrace_attach() answers EPERM, not ESRCH, for a task already exiting.
+    if err == ESRCH or not status or status.get("State", "Z")[0] in "ZX" \
+            or _address_space_gone(pid):
+        return ProcessGone(f"process {pid} exited before it could be attached", ESRCH)
     tracer = int(status.get("TracerPid", "0") or 0)
     if tracer and tracer != os.getpid():
         return PtraceDenied(
@@ -571,7 +582,12 @@ def inject_userfaultfd(int pid, *, tid=None, bint allow_seccomp=False, _stage_ho
                 "injecting would kill the process. Pass allow_seccomp=True if its filter "
                 "allows userfaultfd or returns an error, or have the program hand its "
                 "userfaultfd over (dirtytrack.handover)", EPERM)
-        insn = find_syscall_insn(pid)
+        try:
+            insn = find_syscall_insn(pid)
+        except OSError:
+            insn = None
+        if insn is None and _address_space_gone(pid):
+            raise ProcessGone(f"process {pid} exited (its address space is gone)", ESRCH)
         if insn is None:
             raise InjectionFailed(f"no syscall instruction found in process {pid}'s "
                                   "executable mappings", ENOENT)
