@@ -591,6 +591,8 @@ def inject_userfaultfd(int pid, *, tid=None, bint allow_seccomp=False, _stage_ho
         if insn is None:
             raise InjectionFailed(f"no syscall instruction found in process {pid}'s "
                                   "executable mappings", ENOENT)
+        if tid is not None and not os.path.exists(f"/proc/{pid}/task/{int(tid)}"):
+            raise ValueError(f"thread {tid} is not a thread of process {pid}")
         chosen = pick_thread(pid) if tid is None else int(tid)
         if chosen is None:
             raise ProcessGone(f"process {pid} has no live thread", ESRCH)
@@ -615,8 +617,10 @@ def inject_userfaultfd(int pid, *, tid=None, bint allow_seccomp=False, _stage_ho
             drc = restore_and_detach(&t)
             t_end = now_ns()
         if rc == 0 and drc:
+            # Registers or mask could not be put back: the thread is gone
+            # (killed while stopped), and with it the use of this uffd.
             stage = "restoring the thread"
-            rc = drc if drc == ESRCH else ESRCH
+            rc = ESRCH
         if rc:
             raise _injection_error(pid, stage.decode(), rc)
         if target_rc < 0:
