@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -466,3 +467,34 @@ def test_handover_over_unix_socket(tmp_path, language):
             proc.stdout.close()
         listener.close()
     assert our_fds() == mine
+
+
+def test_unprivileged_target_gets_user_mode_only(child_exe, tmp_path_factory):
+    """vm.unprivileged_userfaultfd=0 and a target without CAP_SYS_PTRACE: the
+    plain syscall is EPERM inside it, the injection retries user-mode-only."""
+    with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+        if f.read().strip() != "0":
+            pytest.skip("vm.unprivileged_userfaultfd is not 0 here")
+    shared = Path(tempfile.mkdtemp(prefix="dt-inject-"))
+    try:
+        shared.chmod(0o755)
+        exe = shared / "child"
+        shutil.copy(child_exe, exe)
+        exe.chmod(0o755)
+        mine = our_fds()
+        child = Child.__new__(Child)
+        child.proc = subprocess.Popen([str(exe), "sleep"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, bufsize=0, user=65534, group=65534)
+        child.pid = child.proc.pid
+        child.lines, child.eintr, child.usr1_acks = queue.Queue(), [], threading.Semaphore(0)
+        child._start_reader()
+        try:
+            inj = _core.inject_userfaultfd(child.pid)
+            assert inj.user_mode_only is True
+            track_and_check(child, inj.fd, pages=(2, 3))
+            assert child.eintr == []
+        finally:
+            child.close()
+        assert our_fds() == mine
+    finally:
+        shutil.rmtree(shared)
