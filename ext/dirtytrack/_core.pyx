@@ -8,6 +8,7 @@ One extension module built from one file per concern (uvloop's layout):
   dirtyset.pxi  DirtySet: bitmap, merge, runs, wire encoding
   uffd.pxi      creating a userfaultfd and its handshake
   tracker.pxi   Tracker / Region: register, protect, scan, lost-tracking
+  inject.pxi    a userfaultfd made inside another process (ptrace), pidfd
 The kernel ABI itself lives in kernel_abi.h / kernel.pxd.
 """
 cimport cython
@@ -34,6 +35,7 @@ include "runs.pxi"
 include "dirtyset.pxi"
 include "uffd.pxi"
 include "tracker.pxi"
+include "inject.pxi"
 
 PAGE_SIZE = sysconf(_SC_PAGESIZE)
 

@@ -90,3 +90,76 @@ cdef extern from "kernel_abi.h" nogil:
 # glibc declares the request as unsigned long; PAGEMAP_SCAN does not fit an int.
 cdef extern from "<sys/ioctl.h>" nogil:
     int ioctl(int fd, unsigned long request, ...)
+
+# ptrace(2), pidfd, process_vm_readv: injecting userfaultfd() into another
+# process (inject.pxi). Requests go through syscall(SYS_ptrace, ...) so that
+# glibc's PEEK* return-value convention never applies.
+cdef extern from "kernel_abi.h" nogil:
+    long SYS_ptrace
+    long SYS_close
+    long SYS_tgkill
+    long PTRACE_SEIZE
+    long PTRACE_INTERRUPT
+    long PTRACE_DETACH
+    long PTRACE_CONT
+    long PTRACE_SINGLESTEP
+    long PTRACE_GETREGSET
+    long PTRACE_SETREGSET
+    long PTRACE_GETSIGINFO
+    long PTRACE_SETSIGINFO
+    long PTRACE_GETSIGMASK
+    long PTRACE_SETSIGMASK
+    int PTRACE_EVENT_STOP
+    int NT_PRSTATUS
+    int __WALL
+    int DT_SYSCALL_INSN_LEN
+
+    # The register file of a stopped thread: opaque, used through the
+    # per-architecture accessors of kernel_abi.h.
+    ctypedef struct dt_regs:
+        pass
+    const unsigned char dt_syscall_insn[]
+    uint64_t dt_pc(const dt_regs *r)
+    long dt_syscall_ret(const dt_regs *r)
+    long dt_interrupted_nr(const dt_regs *r)
+    int dt_is_native(const dt_regs *r)
+    void dt_set_syscall(dt_regs *r, uint64_t pc, long nr, uint64_t a0, uint64_t a1)
+
+cdef extern from "<sys/uio.h>" nogil:
+    ctypedef long ssize_t
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t process_vm_readv(int pid, const iovec *local_iov, unsigned long liovcnt,
+                             const iovec *remote_iov, unsigned long riovcnt,
+                             unsigned long flags)
+
+cdef extern from "<signal.h>" nogil:
+    ctypedef struct siginfo_t:
+        int si_signo
+        int si_errno
+        int si_code
+        int si_pid
+        int si_status
+    int SIGTRAP
+    int SIGSTOP
+    int SIGSYS
+
+cdef extern from "<sys/wait.h>" nogil:
+    int c_waitpid "waitpid"(int pid, int *status, int options)
+    bint WIFSTOPPED(int status)
+    bint WIFEXITED(int status)
+    bint WIFSIGNALED(int status)
+    int WSTOPSIG(int status)
+    int WEXITSTATUS(int status)
+    int WTERMSIG(int status)
+    int WNOHANG
+    # waitid(2) with WNOWAIT: look at a state change without consuming it.
+    int waitid(int idtype, int id, siginfo_t *infop, int options)
+    int P_PID
+    int WEXITED
+    int WSTOPPED
+    int WNOWAIT
+    int CLD_EXITED
+    int CLD_KILLED
+    int CLD_DUMPED

@@ -132,6 +132,84 @@ struct procmap_query {
 # define PROCMAP_QUERY _IOWR('f', 17, struct procmap_query)
 #endif
 
+/* ---- ptrace(2) and pidfd, for injecting userfaultfd() into another process -
+ * include/uapi/linux/ptrace.h. <linux/ptrace.h> (not glibc's <sys/ptrace.h>,
+ * whose requests are enum members that #ifndef cannot see) supplies them on
+ * Debian 12; the guards below only fill gaps of older headers. */
+#include <linux/ptrace.h>
+#include <sys/uio.h>              /* process_vm_readv (glibc 2.15) */
+#include <sys/wait.h>
+#include <signal.h>
+#include <sys/user.h>             /* struct user_regs_struct / user_pt_regs */
+#ifndef PTRACE_SEIZE              /* 3.4 */
+# define PTRACE_SEIZE      0x4206
+# define PTRACE_INTERRUPT  0x4207
+#endif
+#ifndef PTRACE_GETSIGMASK         /* 3.11: blocked mask of a stopped tracee */
+# define PTRACE_GETSIGMASK 0x420a
+# define PTRACE_SETSIGMASK 0x420b
+#endif
+#ifndef PTRACE_GETREGSET          /* 2.6.34 */
+# define PTRACE_GETREGSET  0x4204
+# define PTRACE_SETREGSET  0x4205
+#endif
+#ifndef PTRACE_EVENT_STOP         /* 3.4: status>>16 of a SEIZE'd tracee's group-stop / INTERRUPT trap */
+# define PTRACE_EVENT_STOP 128
+#endif
+#ifndef NT_PRSTATUS               /* include/uapi/linux/elf.h: general registers for GETREGSET */
+# define NT_PRSTATUS 1
+#endif
+#ifndef __WALL                    /* include/uapi/linux/wait.h: wait for clone()d threads too */
+# define __WALL 0x40000000
+#endif
+#ifndef SYS_close
+# error "dirtytrack: SYS_close missing from <sys/syscall.h>"
+#endif
+#ifndef SYS_ptrace
+# error "dirtytrack: SYS_ptrace missing from <sys/syscall.h>"
+#endif
+#ifndef SYS_tgkill
+# error "dirtytrack: SYS_tgkill missing from <sys/syscall.h>"
+#endif
+/* siginfo's si_code for a signal sent by kill/tgkill/sigqueue: SI_USER 0,
+ * SI_QUEUE -1, SI_TKILL -6 (include/uapi/asm-generic/siginfo.h). Anything
+ * <= 0 came from a process, not from the kernel or the CPU. */
+
+/* ---- the register file of a stopped thread, per architecture ------------- *
+ * inject.pxi sees only these accessors. To add an architecture, give it:
+ * dt_regs (what PTRACE_GETREGSET(NT_PRSTATUS) fills), its syscall instruction
+ * bytes, and the five functions below. aarch64 note: the syscall number of an
+ * interrupted syscall is not in the general registers there; making the kernel
+ * skip its restart logic needs PTRACE_SETREGSET(NT_ARM_SYSTEM_CALL) = -1, the
+ * equivalent of orig_rax = -1 below. */
+#if defined(__x86_64__)
+typedef struct user_regs_struct dt_regs;      /* <sys/user.h>, = struct pt_regs order */
+static const unsigned char dt_syscall_insn[2] = {0x0f, 0x05};   /* "syscall" */
+# define DT_SYSCALL_INSN_LEN 2
+# define DT_USER64_CS 0x33     /* __USER_CS, arch/x86/include/asm/segment.h; ia32 is 0x23 */
+
+static inline uint64_t dt_pc(const dt_regs *r) { return r->rip; }
+/* Return value of the syscall that just ran (or -ERESTART* of one that was interrupted). */
+static inline long dt_syscall_ret(const dt_regs *r) { return (long)r->rax; }
+/* Number of the syscall the thread was stopped in, or -1 if it was in user code. */
+static inline long dt_interrupted_nr(const dt_regs *r) { return (long)r->orig_rax; }
+/* 64-bit task? An ia32 task would need int 0x80 and other numbers: refused. */
+static inline int dt_is_native(const dt_regs *r) { return r->cs == DT_USER64_CS; }
+/* Make r execute syscall nr(a0, a1) at pc. orig_rax = -1 tells the kernel's
+ * signal-return path (arch_do_signal_or_restart, arch/x86/kernel/signal.c)
+ * that this is no interrupted syscall to restart: it must not rewrite rax/rip. */
+static inline void dt_set_syscall(dt_regs *r, uint64_t pc, long nr, uint64_t a0, uint64_t a1)
+{
+	r->rip = pc;
+	r->rax = (unsigned long long)nr;
+	r->orig_rax = (unsigned long long)-1;
+	r->rdi = a0;
+	r->rsi = a1;
+}
+#else
+# error "dirtytrack: inject.pxi has no register accessors for this architecture (see above)"
+#endif
+
 /* The layouts above are ABI: catch a typo at compile time, not in the field. */
 _Static_assert(sizeof(struct pm_scan_arg) == 96, "pm_scan_arg is 12 u64");
 _Static_assert(sizeof(struct page_region) == 24, "page_region is 3 u64");

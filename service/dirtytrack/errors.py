@@ -16,6 +16,9 @@ __all__ = [
     "InvalidRange",
     "RangeBusy",
     "TrackerClosed",
+    "PtraceDenied",
+    "ProcessGone",
+    "InjectionFailed",
     "error_for",
 ]
 
@@ -53,6 +56,18 @@ class RangeBusy(DirtytrackError):
 
 class TrackerClosed(DirtytrackError, ValueError):
     """The tracker was closed; open a new one."""
+
+
+class PtraceDenied(DirtytrackError, PermissionError):
+    """The target process cannot be ptraced by this one (privileges, Yama, a debugger)."""
+
+
+class ProcessGone(DirtytrackError, ProcessLookupError):
+    """The target process (or the thread being used) exited."""
+
+
+class InjectionFailed(DirtytrackError):
+    """userfaultfd() could not be run inside the target process."""
 
 
 def kernel_release() -> tuple[int, int]:
