@@ -14,12 +14,16 @@ could not be proven complete and holds every page: resend everything.
 from dirtytrack._core import PAGE_SIZE, DirtySet, Region, RunList, Tracker
 from dirtytrack.errors import (
     DirtytrackError,
+    InjectionFailed,
     InvalidRange,
     KernelUnsupported,
+    ProcessGone,
+    PtraceDenied,
     RangeBusy,
     TrackerClosed,
     UserfaultfdUnavailable,
 )
+from dirtytrack.process import MappingReport, ProcessDirtySet, ProcessTracker, attach
 from dirtytrack.track import BufferTracker, track
 
 __version__ = "0.1.0"
@@ -29,7 +33,10 @@ __all__ = [
     "BufferTracker",
     "DirtySet",
     "DirtytrackError",
+    "InjectionFailed",
     "InvalidRange",
+    "ProcessGone",
+    "PtraceDenied",
     "KernelUnsupported",
     "RangeBusy",
     "Region",
@@ -38,4 +45,8 @@ __all__ = [
     "TrackerClosed",
     "UserfaultfdUnavailable",
     "track",
+    "attach",
+    "ProcessTracker",
+    "ProcessDirtySet",
+    "MappingReport",
 ]
