@@ -280,3 +280,28 @@ def test_self_attach_uses_our_own_userfaultfd():
             assert tr.collect().pages() == {addr + 2 * PAGE}
     finally:
         kmem.munmap(addr, 8 * PAGE)
+
+
+def test_shared_memfd_union_over_all_mappers(target):
+    """Two processes map one memfd (a VMM and a vhost-user back-end): writes
+    from either are reported, by file page."""
+    vmm, backend = target(), target()
+    addr_a, fd = vmm.map_shared(64)
+    path = f"/proc/{vmm.pid}/fd/{fd}"
+    # The back-end opens the same memfd (as SCM_RIGHTS would give it) and maps it.
+    addr_b = int(backend.cmd(f"mapfd {int(backend.cmd(f'open {path}')[1])} 64")[1])
+    with dirtytrack.track_shared(path) as shared:
+        assert sorted(shared.pids) == sorted([vmm.pid, backend.pid])
+        assert shared.collect().pages() == []
+        vmm.write(addr_a + 3 * PAGE)
+        backend.write(addr_b + 40 * PAGE, 2)
+        d = shared.collect()
+        assert d.pages() == [3, 40, 41] and not d.full_resync
+        # a third mapper appears: its whole mapping is reported, then tracked
+        late = target()
+        addr_c = int(late.cmd(f"mapfd {int(late.cmd(f'open {path}')[1])} 64")[1])
+        d = shared.collect()
+        assert late.pid in d.pids and d.pages() == list(range(64))
+        late.write(addr_c + 9 * PAGE)
+        assert shared.collect().pages() == [9]
+

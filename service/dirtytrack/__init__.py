@@ -24,6 +24,7 @@ from dirtytrack.errors import (
     UserfaultfdUnavailable,
 )
 from dirtytrack.process import MappingReport, ProcessDirtySet, ProcessTracker, attach
+from dirtytrack.shared import SharedDirtySet, SharedTracker, track_shared
 from dirtytrack.track import BufferTracker, track
 
 __version__ = "0.1.0"
@@ -49,4 +50,7 @@ __all__ = [
     "ProcessTracker",
     "ProcessDirtySet",
     "MappingReport",
+    "track_shared",
+    "SharedTracker",
+    "SharedDirtySet",
 ]

@@ -99,17 +99,21 @@ class Selection:
     names:   glob patterns matched against mapping names ("/memfd:guest*",
              "[heap]", "/var/lib/app/*.dat"): those writable mappings too.
     ranges:  (start, end) address ranges: exactly those parts of any mapping.
+    files:   (dev, inode) pairs as /proc/PID/maps shows them: every writable
+             mapping of those files (see dirtytrack.shared).
     """
     default: bool = True
     names: tuple[str, ...] = ()
     ranges: tuple[tuple[int, int], ...] = ()
+    files: tuple[tuple[str, int], ...] = ()    # (dev "maj:min", inode): every writable mapping of these
 
     def pick(self, vmas: list[VMA]) -> tuple[list[tuple[int, int, VMA]], list[tuple[VMA, str]]]:
         """The (start, end, vma) pieces to track, and (vma, reason) skipped."""
         chosen, skipped = [], []
         for vma in vmas:
             kind, why = vma.kind()
-            named = any(fnmatch.fnmatchcase(vma.name, pattern) for pattern in self.names)
+            named = any(fnmatch.fnmatchcase(vma.name, pattern) for pattern in self.names) or (
+                vma.inode != 0 and (vma.dev, vma.inode) in self.files)
             if self.ranges:
                 pieces = [(max(lo, vma.start), min(hi, vma.end)) for lo, hi in self.ranges
                           if lo < vma.end and vma.start < hi]
@@ -122,3 +126,9 @@ class Selection:
             else:
                 skipped.append((vma, why if kind is None else "not selected"))
         return chosen, skipped
+
+
+def file_identity(path: str) -> tuple[str, int]:
+    """(dev, inode) of a file as /proc/PID/maps writes them ("%02x:%02x")."""
+    st = os.stat(path)
+    return f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", st.st_ino

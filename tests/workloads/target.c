@@ -5,6 +5,7 @@
  *   map N              mmap N private anonymous pages      -> "addr A"
  *   mapshm N           N pages of a memfd, MAP_SHARED      -> "addr A fd F"
  *   mapfd F N          map memfd F again, MAP_SHARED       -> "addr A"
+ *   open PATH          open(PATH, O_RDWR)                  -> "fd F"
  *   write A N S        write byte S into each of N pages from A   -> "ok"
  *   unmap A N          munmap                              -> "ok"
  *   remap A N M        mremap(MAYMOVE) to M pages          -> "addr A2"
@@ -21,6 +22,7 @@
  * Errors answer "err <errno>". While idle it sleeps in read(0).  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -89,6 +91,11 @@ int main(int argc, char **argv)
 			r = mmap(NULL, n * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 			if (r == MAP_FAILED) goto fail;
 			printf("addr %lu\n", (unsigned long)r);
+		} else if (strncmp(line, "open ", 5) == 0) {
+			line[strcspn(line, "\n")] = 0;
+			fd = open(line + 5, O_RDWR);
+			if (fd < 0) goto fail;
+			printf("fd %d\n", fd);
 		} else if (sscanf(line, "write %lu %lu %lu", &a, &n, &s) == 3) {
 			for (unsigned long i = 0; i < n; i++)
 				((volatile unsigned char *)a)[i * PAGE + 7] = (unsigned char)s;
