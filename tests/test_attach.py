@@ -305,3 +305,21 @@ def test_shared_memfd_union_over_all_mappers(target):
         late.write(addr_c + 9 * PAGE)
         assert shared.collect().pages() == [9]
 
+
+
+def test_attach_and_detach_leave_a_blocked_target_working(target):
+    """The target sits in read() between commands: twenty attach/collect/close
+    cycles later its read still returns our commands normally, and what it
+    wrote meanwhile is intact."""
+    t = target()
+    buf = t.map(4)
+    for i in range(20):
+        with dirtytrack.attach(t.pid) as tracker:
+            t.write(buf + (i % 4) * PAGE, 1, i)
+            assert buf + (i % 4) * PAGE in tracker.collect().pages()
+        # after close the target is untracked and undisturbed
+        t.write(buf, 4, i)
+    with open(f"/proc/{t.pid}/mem", "rb") as mem:
+        mem.seek(buf + 7)
+        assert mem.read(1) == bytes([19])
+    assert t.proc.poll() is None
