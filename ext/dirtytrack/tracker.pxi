@@ -60,7 +60,7 @@ cdef int scan_range(int pagemap_fd, page_region *vec, uint64_t vec_len,
         pos = arg.walk_end
         # Kernel quirk (6.7-6.18 do_pagemap_scan): once its 512-entry bounce
         # buffer fills and is flushed, a call that then finishes the range
-        # returns the first chunk's stale walk_end. The walk is ascending, so
+        # returns the stale walk_end of that last flush. The walk is ascending, so
         # everything below the last region returned was walked: resume past
         # it, or runs would arrive out of order.
         if n > 0 and vec[n - 1].end > pos:
