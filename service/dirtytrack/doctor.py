@@ -70,6 +70,19 @@ def check_privileges() -> Check:
                  "`setcap cap_sys_ptrace+ep`); this process can still track itself")
 
 
+def check_yama() -> Check:
+    scope = _read("/proc/sys/kernel/yama/ptrace_scope")
+    if scope is None:
+        return Check("ptrace scope", "ok", "Yama is not active")
+    meaning = {"0": "classic", "1": "restricted to descendants unless CAP_SYS_PTRACE",
+               "2": "CAP_SYS_PTRACE only", "3": "ptrace disabled"}.get(scope, "unknown")
+    if scope == "3":
+        return Check("ptrace scope", "warn", f"kernel.yama.ptrace_scope=3 ({meaning})",
+                     "attaching to processes without their cooperation is impossible until "
+                     "reboot; use the cooperative hand-over (dirtytrack.handover)")
+    return Check("ptrace scope", "ok", f"kernel.yama.ptrace_scope={scope} ({meaning})")
+
+
 def check_seccomp() -> Check:
     mode = _status_field("Seccomp")
     if mode in (None, "0"):
@@ -154,7 +167,7 @@ def check_hugepages() -> Check:
 
 
 def run_checks() -> list[Check]:
-    checks = [check_kernel(), check_arch(), check_privileges(), check_seccomp(),
+    checks = [check_kernel(), check_arch(), check_privileges(), check_yama(), check_seccomp(),
               check_userfaultfd_access(), check_userfaultfd()]
     if checks[-1].status == "ok":
         checks.append(check_features())
