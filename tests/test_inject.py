@@ -26,7 +26,9 @@ from dirtytrack.errors import InjectionFailed, ProcessGone, PtraceDenied
 from dirtytrack.handover import receive_userfaultfd
 
 HERE = Path(__file__).parent
-SERVICE = HERE.parent / "service"
+# The child imports the very dirtytrack this test imported (the installed
+# package in CI, the in-place build in a checkout).
+SERVICE = Path(_core.__file__).resolve().parent.parent
 PAGE = os.sysconf("SC_PAGESIZE")
 
 pytestmark = [

@@ -6,7 +6,7 @@ import functools
 import mmap
 import os
 import shutil
-import struct
+import ctypes
 import subprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -63,10 +63,14 @@ class Target:
         self.cmd(f"writer {addr} {npages} {epoch_addr}")
 
     def collect_with_window(self, collect):
-        finished, started = struct.unpack_from("QQ", self._epochs, 0)
-        struct.pack_into("Q", self._epochs, 8, started + 1)
+        # One 8-byte store each (ctypes): struct.pack_into zero-fills its
+        # target before packing, and the target reads these words concurrently.
+        finished = ctypes.c_uint64.from_buffer(self._epochs, 0)
+        started = ctypes.c_uint64.from_buffer(self._epochs, 8)
+        started.value += 1
         result = collect()
-        struct.pack_into("Q", self._epochs, 0, finished + 1)
+        finished.value += 1
+        del finished, started          # release the exports of the mmap
         return result
 
     def stop_writer(self) -> list[tuple[int, int, int]]:
