@@ -324,3 +324,62 @@ def test_attach_and_detach_leave_a_blocked_target_working(target):
         mem.seek(buf + 7)
         assert mem.read(1) == bytes([19])
     assert t.proc.poll() is None
+
+
+COOPERATIVE_CHILD = r"""
+import mmap, socket, sys, ctypes
+from dirtytrack.handover import send_userfaultfd
+m = mmap.mmap(-1, 16 * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+send_userfaultfd(s)
+print(addr, flush=True)
+for line in sys.stdin:
+    m[int(line) * mmap.PAGESIZE] = 1
+    print("ok", flush=True)
+"""
+
+
+def test_cooperative_attach_with_a_handed_over_userfaultfd(tmp_path):
+    """No ptrace: the process sends its own userfaultfd (SCM_RIGHTS)."""
+    import socket
+    import subprocess
+    import sys
+    from dirtytrack.handover import receive_userfaultfd
+    from dirtytrack import _core
+    path = str(tmp_path / "handover.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(_core.__file__)))
+    child = subprocess.Popen([sys.executable, "-c", COOPERATIVE_CHILD, path], env=env,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+    try:
+        conn, _ = listener.accept()
+        fd, pid = receive_userfaultfd(conn)
+        conn.close()
+        assert pid == child.pid
+        addr = int(child.stdout.readline())
+        with dirtytrack.attach(pid, uffd=fd, default=False,
+                               ranges=[(addr, addr + 16 * PAGE)]) as tracker:
+            for page in (3, 9):
+                child.stdin.write(f"{page}\n")
+                child.stdin.flush()
+                assert child.stdout.readline().strip() == "ok"
+            assert tracker.collect().pages() == {addr + 3 * PAGE, addr + 9 * PAGE}
+    finally:
+        listener.close()
+        child.kill()
+        child.wait()
+
+
+def test_selection_by_name_pattern(target):
+    t = target()
+    anon = t.map(8)
+    shm, _ = t.map_shared(8)
+    with dirtytrack.attach(t.pid, default=False, names=["/memfd:dirtytrack-test*"]) as tracker:
+        assert [(m["start"], m["kind"]) for m in tracker.mappings()] == [(shm, "shmem")]
+        t.write(anon, 8)
+        t.write(shm + 2 * PAGE)
+        assert tracker.collect().pages() == {shm + 2 * PAGE}
