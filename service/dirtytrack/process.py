@@ -142,14 +142,15 @@ class ProcessTracker:
         except ProcessLookupError:
             raise ProcessGone(f"no process {self.pid}: check the pid (ps -p {self.pid})",
                               3) from None
+        self._unowned_uffd = uffd      # ours to close until a Tracker takes it
         try:
             self._refuse_unsuitable()
             self._start(uffd)
             self._reconcile(initial=True)
         except BaseException:
             self._release()
-            if uffd is not None and self._tracker is None:
-                os.close(uffd)
+            if self._unowned_uffd is not None:
+                os.close(self._unowned_uffd)
             raise
 
     # -- setup ----------------------------------------------------------------
@@ -176,6 +177,7 @@ class ProcessTracker:
         if uffd is None:
             self._tracker = Tracker()
         else:
+            self._unowned_uffd = None      # Tracker owns it now, even if it raises
             self._tracker = Tracker(self.pid, uffd=uffd)
         maps_fd = os.open(f"/proc/{self.pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
         self._maps_fd = maps_fd
