@@ -131,16 +131,11 @@ def piece_runs(piece: pb.MappingDirty) -> list[tuple[int, int]]:
             runs.append((page + gap, page + gap + length))
             page += gap + length
     elif piece.WhichOneof("pages") == "bitmap":
-        value = int.from_bytes(piece.bitmap, "little")
-        page = 0
-        while value:
-            low = (value & -value).bit_length() - 1
-            value >>= low
-            page += low
-            ones = (~value & (value + 1)).bit_length() - 1
-            runs.append((piece.first_page + page, piece.first_page + page + ones))
-            value >>= ones
-            page += ones
+        # Decoded by the core (a DirtySet encoding around the same bytes).
+        header = bytearray(b"DT\x01\x01\x00")
+        _put_varint(header, len(piece.bitmap) * 8)
+        for lo, hi in DirtySet.decode(bytes(header) + piece.bitmap).runs():
+            runs.append((piece.first_page + lo, piece.first_page + hi))
     return runs
 
 
