@@ -15,6 +15,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import dirtytrack
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies (even SIGKILLed)."""
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
+
+
 def _pythonpath() -> str:
     here = os.path.dirname(os.path.dirname(os.path.abspath(dirtytrack.__file__)))
     return os.pathsep.join([here] + [p for p in os.environ.get("PYTHONPATH", "").split(
@@ -32,7 +38,7 @@ class Daemon:
             [sys.executable, "-m", "dirtytrack", "serve", "--socket", self.socket,
              "--log-level", "INFO", *extra],
             env=dict(os.environ, PYTHONPATH=_pythonpath(), DIRTYTRACK_CONFIG="/dev/null"),
-            stdout=self.log, stderr=self.log)
+            stdout=self.log, stderr=self.log, preexec_fn=_die_with_parent)
         self.wait_serving()
 
     def wait_serving(self, timeout: float = 20) -> None:
