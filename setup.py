@@ -9,6 +9,8 @@ import platform
 import sys
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 if not sys.platform.startswith("linux"):
     sys.exit("dirtytrack tracks Linux processes: it builds only on Linux")
@@ -19,6 +21,29 @@ from Cython.Build import cythonize  # noqa: E402  (after the platform checks)
 
 debug = os.environ.get("DIRTYTRACK_DEBUG") == "1"
 extra = ["-O0", "-g"] if debug else ["-O2"]
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def generate_stubs():
+    """The gRPC stubs are generated at build time, never committed (proto/README.md)."""
+    import runpy
+    runpy.run_path(os.path.join(HERE, "proto", "build_stubs.py"))["generate"](
+        os.path.join(HERE, "service"))
+
+
+class BuildPy(build_py):
+    def run(self):
+        generate_stubs()
+        super().run()
+
+
+class BuildExt(build_ext):
+    # `setup.py build_ext --inplace` (the development build) gets the stubs too.
+    def run(self):
+        generate_stubs()
+        super().run()
+
 
 extensions = [
     Extension(
@@ -34,6 +59,7 @@ extensions = [
 ]
 
 setup(
+    cmdclass={"build_py": BuildPy, "build_ext": BuildExt},
     ext_modules=cythonize(
         extensions,
         include_path=["ext"],

@@ -2,11 +2,11 @@
 says and reports what it wrote, so tests compare against ground truth."""
 from __future__ import annotations
 
+import ctypes
 import functools
 import mmap
 import os
 import shutil
-import ctypes
 import subprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,6 +31,7 @@ class Target:
         assert ready and ready[0] == "ready", ready
         self.pid = int(ready[1])
         self._epochs = None
+        self.counters = None
 
     def cmd(self, line: str) -> list[str]:
         self.proc.stdin.write(line + "\n")
@@ -60,17 +61,16 @@ class Target:
         local = os.open(f"/proc/{self.pid}/fd/{fd}", os.O_RDWR)
         self._epochs = mmap.mmap(local, PAGE)
         os.close(local)
+        # [0] collects finished, [1] collects started. Bumped with single
+        # 8-byte stores: struct.pack_into zero-fills before packing, so the
+        # writer could read a torn 0 between the two.
+        self.counters = (ctypes.c_uint64 * 2).from_buffer(self._epochs)
         self.cmd(f"writer {addr} {npages} {epoch_addr}")
 
     def collect_with_window(self, collect):
-        # One 8-byte store each (ctypes): struct.pack_into zero-fills its
-        # target before packing, and the target reads these words concurrently.
-        finished = ctypes.c_uint64.from_buffer(self._epochs, 0)
-        started = ctypes.c_uint64.from_buffer(self._epochs, 8)
-        started.value += 1
+        self.counters[1] += 1
         result = collect()
-        finished.value += 1
-        del finished, started          # release the exports of the mmap
+        self.counters[0] += 1
         return result
 
     def stop_writer(self) -> list[tuple[int, int, int]]:
@@ -86,6 +86,7 @@ class Target:
 
     def close(self) -> None:
         if self._epochs is not None:
+            self.counters = None
             self._epochs.close()
         if self.proc.poll() is None:
             self.proc.kill()
