@@ -72,13 +72,13 @@ def test_pieces_round_trip_below_budget(seed):
     assert got == d
 
 
-def _report(mid, status, npages, pages=(), reason=None, exited=False, reasons=()):
+def _report(mid, status, npages, pages=(), reason=None, exited=False, events=()):
     d = None if status == "removed" else DirtySet.from_pages(npages, pages)
     if status in ("new", "lost") and d is not None:
         d.add_range(0, npages)
     m = MappingReport(mid, 0x10000 * mid, 0x10000 * mid + npages * 4096, f"m{mid}", "anon", 0,
                       "00:00", 0, status, d, reason)
-    return ProcessDirtySet(1, [m], exited=exited, reasons=list(reasons))
+    return ProcessDirtySet(1, [m], exited=exited, events=list(events))
 
 
 def test_cursor_rewind_is_gapless_and_owes_everything():
@@ -103,7 +103,7 @@ def test_removed_after_dirty_drops_the_pages_and_lost_wins():
     s.add_report(_report(1, "tracking", 8, [1]), 1, 1)
     later = SetState()
     later.add_report(_report(1, "removed", 8), 2, 2)
-    later.add_report(_report(2, "lost", 8, reason="moved", reasons=["m2: moved"]), 3, 3)
+    later.add_report(_report(2, "lost", 8, reason="moved", events=[("lost", "m2: moved")]), 3, 3)
     s.absorb(later)
     assert 1 not in s.mappings and 1 in s.removed
     assert s.mappings[2].status == "lost" and s.mappings[2].dirty.count == 8

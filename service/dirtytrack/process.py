@@ -25,7 +25,8 @@ from dirtytrack._core import PAGE_SIZE, DirtySet, Region, Tracker
 from dirtytrack.errors import DirtytrackError, InvalidRange, ProcessGone, TrackerClosed
 from dirtytrack.maps import VMA, Selection, read_maps
 
-__all__ = ["MappingReport", "ProcessDirtySet", "ProcessTracker", "attach"]
+__all__ = ["MappingReport", "ProcessDirtySet", "ProcessTracker", "attach",
+           "EXITED", "EXEC", "LOST", "ERROR"]
 
 PF_KTHREAD = 0x00200000      # include/linux/sched.h
 
@@ -63,13 +64,24 @@ class MappingReport:
                 for first, stop in self.dirty.runs()]
 
 
+# Why a set is not an exact increment (ProcessDirtySet.events codes).
+EXITED = "exited"          # the target exited: tracking ended
+EXEC = "exec"              # the target called exec(): a new address space
+LOST = "lost"              # a mapping's registration was lost; it is reported whole
+ERROR = "error"            # an internal failure; every tracked mapping is reported whole
+
+
 @dataclass
 class ProcessDirtySet:
     """Everything written in a process since the previous collect, by mapping."""
     pid: int
     mappings: list[MappingReport] = field(default_factory=list)
     exited: bool = False
-    reasons: list[str] = field(default_factory=list)
+    events: list[tuple[str, str]] = field(default_factory=list)   # (code, message)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [message for _, message in self.events]
 
     @property
     def count(self) -> int:
@@ -78,8 +90,7 @@ class ProcessDirtySet:
     @property
     def full_resync(self) -> bool:
         """The set cannot be trusted as an increment: resend everything."""
-        return self.exited or any(m.status == "lost" for m in self.mappings) or any(
-            "exec" in r for r in self.reasons)
+        return self.exited or bool(self.events) or any(m.status == "lost" for m in self.mappings)
 
     def ranges(self) -> list[tuple[int, int]]:
         """All dirty (start, end) address ranges, mapping by mapping."""
@@ -202,7 +213,9 @@ class ProcessTracker:
         """The tracked regions: id, start, end, name, kind, state."""
         with self._lock:
             return [dict(mapping_id=t.mapping_id, start=t.region.start, end=t.region.end,
-                         name=t.vma.name, kind=t.kind, state=t.region.state)
+                         name=t.vma.name, kind=t.kind, state=t.region.state,
+                         offset=t.vma.offset + (t.region.start - t.vma.start),
+                         dev=t.vma.dev, inode=t.vma.inode)
                     for t in self._tracked]
 
     def skipped(self) -> list[dict]:
@@ -278,15 +291,25 @@ class ProcessTracker:
                 report.mappings += self._reconcile()
             except _AddressSpaceGone:
                 return self._address_space_gone()
+            except (OSError, DirtytrackError) as exc:
+                # Could not follow the address space this time: scan what we
+                # track anyway (nothing already reset may be dropped) and say so.
+                if self._exited():
+                    return self._finish_exited()
+                report.events.append((ERROR, f"could not read process {self.pid}'s mappings: "
+                                             f"{exc}; new mappings are picked up next time"))
             for t in self._tracked:
-                dirty = self._tracker.collect(t.region)
+                try:
+                    dirty = self._tracker.collect(t.region)
+                except Exception as exc:  # noqa: BLE001 - a failure must not shrink the set
+                    dirty = DirtySet(t.region.npages, lost_reason=f"internal error: {exc!r}")
                 if t.fresh:
                     dirty.add_range(0, dirty.npages)
                     report.mappings.append(self._report(t, "new", dirty, "newly tracked mapping"))
                     t.fresh = False
                 elif dirty.lost:
                     report.mappings.append(self._report(t, "lost", dirty, dirty.lost_reason))
-                    report.reasons.append(f"{t.vma.name or '[anon]'}: {dirty.lost_reason}")
+                    report.events.append((LOST, f"{t.vma.name or '[anon]'}: {dirty.lost_reason}"))
                 else:
                     report.mappings.append(self._report(t, "tracking", dirty))
             if self._exited():
@@ -296,7 +319,7 @@ class ProcessTracker:
 
     def _finish_exited(self) -> ProcessDirtySet:
         final = ProcessDirtySet(self.pid, exited=True,
-                                reasons=[f"process {self.pid} exited: tracking ended"])
+                                events=[(EXITED, f"process {self.pid} exited: tracking ended")])
         final.mappings = [self._report(t, "removed", None, "the process exited")
                           for t in self._tracked]
         self._tracked = []
@@ -315,14 +338,14 @@ class ProcessTracker:
         self._release(keep_pidfd=True)
         reason = f"process {self.pid} called exec(): a new address space, resend everything"
         if self._cooperative:
-            final = ProcessDirtySet(self.pid, old, exited=False, reasons=[
+            final = ProcessDirtySet(self.pid, old, exited=False, events=[(EXEC,
                 reason + "; its handed-over userfaultfd died with the old one, so tracking "
-                "ended: have the new program hand a new one over"])
+                "ended: have the new program hand a new one over")])
             self._final = final
             return final
         self._start(None)
         self._reconcile(initial=True)
-        report = ProcessDirtySet(self.pid, old, reasons=[reason])
+        report = ProcessDirtySet(self.pid, old, events=[(EXEC, reason)])
         for t in self._tracked:
             dirty = DirtySet(t.region.npages)
             dirty.add_range(0, dirty.npages)

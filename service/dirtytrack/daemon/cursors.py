@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from dirtytrack._core import PAGE_SIZE, DirtySet
 from dirtytrack.daemon.errors import BadRequest, Precondition
+from dirtytrack.process import ERROR, EXEC, EXITED, LOST
 
 # Resync codes (dirtytrack.v1.ResyncCode).
 TRACKING_LOST, TARGET_EXEC, TARGET_EXITED, INTERNAL_ERROR, CURSOR_STARTED_FULL = 1, 2, 3, 4, 5
@@ -101,11 +102,10 @@ class SetState:
                 self.removed[m.mapping_id] = (m, m.reason)
             else:
                 self._put(m.mapping_id, Owed(m, m.status, m.dirty, m.reason))
-        if report.full_resync:
-            for reason in report.reasons:
-                code = (TARGET_EXITED if report.exited else
-                        TARGET_EXEC if "exec" in reason else TRACKING_LOST)
-                self._resync(code, reason)
+        codes = {EXITED: TARGET_EXITED, EXEC: TARGET_EXEC, LOST: TRACKING_LOST,
+                 ERROR: INTERNAL_ERROR}
+        for event, message in report.events:
+            self._resync(codes[event], message)
         self.exited = self.exited or report.exited
         self._scanned(1, mono_ns, unix_ns)
 
