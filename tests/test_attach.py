@@ -383,3 +383,21 @@ def test_selection_by_name_pattern(target):
         t.write(anon, 8)
         t.write(shm + 2 * PAGE)
         assert tracker.collect().pages() == {shm + 2 * PAGE}
+
+
+def test_exec_we_cannot_follow_ends_tracking_honestly(target):
+    """After exec the new program is under a seccomp filter, so injection is
+    refused: the report is a full resync that says tracking ended, and stays so."""
+    t = target()
+    t.map(8)
+    with dirtytrack.attach(t.pid) as tracker:
+        tracker.collect()
+        t.cmd("seccomp")
+        t.proc.stdin.write("exec\n")
+        t.proc.stdin.flush()
+        assert t.proc.stdout.readline().split()[0] == "ready"
+        report = tracker.collect()
+        assert report.full_resync and not report.exited and tracker.ended
+        assert report.events[0][0] == "exec" and "tracking ended" in report.reasons[0]
+        assert "seccomp" in report.reasons[0]
+        assert tracker.collect() is report

@@ -512,3 +512,54 @@ def test_health_reflection_and_sigterm(target):
             tr.collect()
     finally:
         d.close()
+
+
+def test_collect_cancelled_mid_scan_never_shrinks_another_cursor(client, target):
+    """A Collect whose deadline fires while its forced scan runs: the scan
+    still reaches every cursor (the kernel already reset those pages)."""
+    t = target()
+    nbig = 1 << 18                                   # 1 GiB: a scan of a few ms
+    big = t.map(nbig)
+    small = t.map(8)
+    tid = client.attach(t.pid).target.target_id
+    a, b = client.open_cursor(tid), client.open_cursor(tid)
+    client.collect(a)
+    client.collect(b)
+    t.write(big, nbig)
+    client.collect(b)
+    scan_s = max(client.describe(tid).last_scan_us / 1e6, 0.001)
+    cancelled = 0
+    for i in range(20):
+        t.write(big, nbig, i)                        # much to reset: a slower scan
+        t.write(small + (i % 8) * PAGE, 1, i)
+        try:
+            client.collect(b, timeout=scan_s * (0.2 + 0.15 * (i % 6)))
+        except grpc.RpcError as exc:
+            cancelled += exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        s = client.collect(a)
+        assert small + (i % 8) * PAGE in s.pages() or s.full_resync, f"round {i}: page lost"
+    assert cancelled, "no Collect was cancelled mid-scan: the case was not exercised"
+
+
+def test_exec_that_cannot_be_followed_ends_the_stream_with_a_resync(client, target):
+    """The new program runs under a seccomp filter, so re-injection is refused:
+    subscribers get a full-resync set saying tracking ended, then the stream
+    ends; the target is no longer 'tracking'. Never silence."""
+    t = target()
+    buf, tid = attach_buf(client, t, 8)
+    cursor = client.open_cursor(tid)
+    call, stream = client.subscribe(cursor, interval_ms=20)
+    first = next(stream)
+    assert first.seq == 1
+    t.cmd("seccomp")
+    t.proc.stdin.write("exec\n")
+    t.proc.stdin.flush()
+    assert t.proc.stdout.readline().split()[0] == "ready"
+    resync = None
+    for s in stream:                              # ends once the target is over
+        if s.full_resync:
+            resync = s
+    assert resync is not None
+    assert any(code == pb.RESYNC_CODE_TARGET_EXEC and "tracking ended" in msg
+               for code, msg in resync.resync)
+    assert client.describe(tid).state != pb.TARGET_STATE_TRACKING

@@ -138,3 +138,27 @@ def test_encode_set_splits_big_sets_into_chunks():
             for a, b in piece_runs(piece):
                 got.add_range(a, b)
     assert got == sparse
+
+
+def test_removed_mappings_and_reasons_count_against_the_chunk_limit():
+    """30,000 removed mappings plus a big bitmap: every chunk stays under the
+    limit, and the client gets every removed entry back."""
+    from dirtytrack.daemon.client import join_chunks
+    from dirtytrack.daemon.cursors import Owed, SetState
+    from dirtytrack.daemon.encoding import encode_set
+    st = SetState()
+    for mid in range(1, 30001):
+        m = MappingReport(mid, mid << 24, (mid << 24) + 4096, "/memfd:" + "g" * 100, "shmem", 0,
+                          "00:0e", 0, "removed", None)
+        st.removed[mid] = (m, "no longer wholly mapped")
+    d = DirtySet(1 << 24)
+    d.add_range(0, 1 << 20)
+    m = MappingReport(99999, 1 << 50, (1 << 50) + (1 << 36), "big", "anon", 0, "", 0,
+                      "tracking", d)
+    st.mappings[99999] = Owed(m, "tracking", d, None)
+    limit = 1 << 20
+    chunks = encode_set(st, cursor_id="c", target_id="t", seq=1, max_bytes=limit)
+    assert len(chunks) > 1 and all(c.ByteSize() <= limit for c in chunks)
+    view = join_chunks(chunks)
+    assert len(view.removed) == 30000
+    assert sum(hi - lo for lo, hi in view.ranges()) == (1 << 20) * 4096

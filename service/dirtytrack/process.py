@@ -338,13 +338,15 @@ class ProcessTracker:
         self._release(keep_pidfd=True)
         reason = f"process {self.pid} called exec(): a new address space, resend everything"
         if self._cooperative:
-            final = ProcessDirtySet(self.pid, old, exited=False, events=[(EXEC,
-                reason + "; its handed-over userfaultfd died with the old one, so tracking "
-                "ended: have the new program hand a new one over")])
-            self._final = final
-            return final
-        self._start(None)
-        self._reconcile(initial=True)
+            return self._end_tracking(old, EXEC, reason + "; its handed-over userfaultfd died "
+                                      "with the old one: have the new program hand a new one over")
+        try:
+            self._start(None)
+            self._reconcile(initial=True)
+        except Exception as exc:  # noqa: BLE001 - injection refused, process gone, ...
+            self._release(keep_pidfd=True)
+            return self._end_tracking(old, EXEC, f"{reason}; attaching to the new program "
+                                      f"failed ({exc}): tracking ended")
         report = ProcessDirtySet(self.pid, old, events=[(EXEC, reason)])
         for t in self._tracked:
             dirty = DirtySet(t.region.npages)
@@ -352,6 +354,19 @@ class ProcessTracker:
             t.fresh = False
             report.mappings.append(self._report(t, "new", dirty, "mapped by the new program"))
         return report
+
+    def _end_tracking(self, old: list[MappingReport], code: str, reason: str) -> ProcessDirtySet:
+        """Tracking cannot go on (the process lives): a final full-resync report."""
+        final = ProcessDirtySet(self.pid, old, exited=False, events=[(code, reason)])
+        self._tracked = []
+        self._final = final
+        return final
+
+    @property
+    def ended(self) -> bool:
+        """Tracking is over (exit, or an exec we could not follow): collect()
+        keeps returning the final report."""
+        return self._final is not None
 
     # -- life -------------------------------------------------------------------
     def _release(self, keep_pidfd: bool = False) -> None:

@@ -17,12 +17,17 @@
  *                      before / after the write: the cross-process version of
  *                      dirtytrack.verify.WriteLog             -> "ok"
  *   stop               stop the writer, print its log, then "stopped"
+ *   seccomp            install an allow-everything seccomp filter (it survives
+ *                      exec, and makes ptrace injection refuse the process)  -> "ok"
  *   exec               exec this program again with no commands pending
  *   exit               exit(0)
  * Errors answer "err <errno>". While idle it sleeps in read(0).  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sys/prctl.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -124,6 +129,12 @@ int main(int argc, char **argv)
 			for (size_t i = 0; i < w_count; i++)
 				printf("page %lu %lu %lu\n", w_log[3 * i], w_log[3 * i + 1], w_log[3 * i + 2]);
 			printf("stopped\n");
+		} else if (strncmp(line, "seccomp", 7) == 0) {
+			struct sock_filter allow = BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+			struct sock_fprog prog = { .len = 1, .filter = &allow };
+			if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) ||
+			    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog)) goto fail;
+			printf("ok\n");
 		} else if (strncmp(line, "exec", 4) == 0) {
 			fflush(stdout);
 			execv("/proc/self/exe", argv);

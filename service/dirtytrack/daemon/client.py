@@ -68,6 +68,9 @@ def join_chunks(chunks) -> DirtySetView:
                                 list(chunk.removed))
         elif chunk.seq != view.seq or chunk.chunk_index != view.chunks:
             raise ValueError(f"chunk {chunk.seq}/{chunk.chunk_index} out of order")
+        else:
+            view.resync.extend((r.code, r.message) for r in chunk.resync)
+            view.removed.extend(chunk.removed)
         view.pieces.extend(chunk.mappings)
         view.chunks += 1
         if chunk.last_chunk:

@@ -92,28 +92,40 @@ def encode_set(state, *, cursor_id: str, target_id: str, seq: int,
                   set_dirty_pages=state.count, scans=state.scans,
                   scan_started_monotonic_ns=state.scan_mono_ns,
                   scan_started_unix_nanos=state.scan_unix_ns)
-    first = pb.DirtySetChunk(**common, chunk_index=0)
-    first.resync.extend(pb.Resync(code=code, message=msg) for code, msg in state.resync)
+    chunks = [pb.DirtySetChunk(**common, chunk_index=0)]
+    size, empty = chunks[0].ByteSize(), True
+
+    def make_room(need: int) -> pb.DirtySetChunk:
+        # Every entry - resync reasons and removed mappings included - counts
+        # against the limit: a client away while malloc churned through
+        # thousands of mmaps must still get its set, in more chunks.
+        nonlocal size, empty
+        if size + need > max_bytes and not empty:
+            chunks.append(pb.DirtySetChunk(**common, chunk_index=len(chunks)))
+            size = chunks[-1].ByteSize()
+        size += need
+        empty = False
+        return chunks[-1]
+
+    for code, msg in state.resync:
+        entry = pb.Resync(code=code, message=msg)
+        make_room(entry.ByteSize() + 8).resync.append(entry)
     for mapping_id, (m, reason) in sorted(state.removed.items()):
-        first.removed.add(mapping_id=mapping_id, start=m.start, end=m.end, name=m.name,
-                          reason=reason or "")
-    chunks, size = [first], first.ByteSize()
+        entry = pb.RemovedMapping(mapping_id=mapping_id, start=m.start, end=m.end, name=m.name,
+                                  reason=reason or "")
+        make_room(entry.ByteSize() + 8).removed.append(entry)
     for mapping_id, owed in sorted(state.mappings.items()):
         m = owed.meta
         for first_page, npages, form, body, count in pieces(owed.dirty, budget):
             if not count and owed.status == "tracking":
                 continue                           # nothing written there
             need = len(body) + PIECE_OVERHEAD + len(m.name.encode())
-            if size + need > max_bytes and chunks[-1].mappings:
-                chunks.append(pb.DirtySetChunk(**common, chunk_index=len(chunks)))
-                size = chunks[-1].ByteSize()
-            piece = chunks[-1].mappings.add(
+            piece = make_room(need).mappings.add(
                 mapping_id=mapping_id, start=m.start, end=m.end, name=m.name, kind=m.kind,
                 status=STATUS[owed.status], reason=owed.reason or "", first_page=first_page,
                 npages=npages, dirty_pages=count, file_offset=m.offset, dev=m.dev,
                 inode=m.inode)
             setattr(piece, form, body)
-            size += need
     chunks[-1].last_chunk = True
     return chunks
 

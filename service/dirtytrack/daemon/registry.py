@@ -52,6 +52,7 @@ class Target:
         self.intervals: dict[object, float] = {}
         self._lock = asyncio.Lock()
         self._waiters: list[asyncio.Future] = []
+        self._scans: set[asyncio.Task] = set()        # scans in flight (kept referenced)
         self._kick = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._reader = False
@@ -82,16 +83,33 @@ class Target:
             except asyncio.TimeoutError:
                 pass
             self._kick.clear()
-            await self.scan()
+            try:
+                await self.scan()
+            except asyncio.CancelledError:
+                raise
+            except Exception:             # noqa: BLE001 - keep scanning; each failure is reported
+                log.exception("%s: scan loop error", self.id)
 
     async def scan(self) -> None:
-        """Return after a scan that started after this call began."""
-        me = asyncio.get_running_loop().create_future()
+        """Return after a scan that started after this call began.
+
+        The scan runs in a task of its own and the caller only waits for it:
+        a caller cancelled mid-scan (a Collect's deadline, a disconnect) must
+        never stop the report from reaching the cursors, since the kernel has
+        already reset the pages it found.
+        """
+        loop = asyncio.get_running_loop()
+        me = loop.create_future()
         self._waiters.append(me)
+        task = loop.create_task(self._scan_when_free(me), name=f"scan {self.id}")
+        self._scans.add(task)
+        task.add_done_callback(self._scans.discard)
+        await asyncio.shield(me)
+
+    async def _scan_when_free(self, me: asyncio.Future) -> None:
         async with self._lock:
             if not me.done():
                 await self._scan_locked()
-        await me
 
     async def _scan_locked(self) -> None:
         waiters, self._waiters = self._waiters, []
@@ -111,10 +129,20 @@ class Target:
                 if m.status in ("lost", "removed"):
                     self.events.append((m, unix))
             for cursor in self.cursors.values():
-                cursor.pending.add_report(report, mono, unix)
+                try:
+                    cursor.pending.add_report(report, mono, unix)
+                except Exception as exc:   # noqa: BLE001 - never a smaller set
+                    log.exception("%s: folding a scan into %s failed", self.id, cursor.id)
+                    cursor.pending.add_everything(
+                        self.tracked_mappings(), INTERNAL_ERROR,
+                        f"internal error folding a scan in ({type(exc).__name__}: {exc}): "
+                        "every tracked page is included")
                 cursor.wake.set()
             if report.exited:
                 self._end("exited")
+            elif self.tracker.ended:
+                self.error = "; ".join(report.reasons)
+                self._end("failed")
         finally:
             for w in waiters:
                 if not w.done():

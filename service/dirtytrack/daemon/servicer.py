@@ -250,8 +250,9 @@ class DirtyTrackerServicer(pb_grpc.DirtyTrackerServicer):
                 now = time.monotonic()
                 ended = target.state != "tracking"
                 ready = (len(cursor.unacked) < window and now >= due - slack
-                         and (cursor.pending.scans > 0 or ended)
-                         and not (request.skip_empty and cursor.pending.empty and not ended))
+                         and (cursor.pending.scans > 0 or cursor.pending.resync or ended)
+                         and not (request.skip_empty and cursor.pending.empty
+                                  and not cursor.pending.resync and not ended))
                 if ready:
                     _, chunks = self._next_set(cursor)
                     for chunk in chunks:
