@@ -233,7 +233,7 @@ class ProcessTracker:
     def _add(self, start: int, end: int, vma: VMA, kind: str, initial: bool) -> None:
         try:
             region = self._tracker.add_range(start, end - start)
-        except InvalidRange as exc:
+        except DirtytrackError as exc:      # busy (another userfaultfd), unregistrable, gone
             self._skipped.append((vma, f"cannot be tracked: {exc.message}"))
             return
         # Regions found at attach are the baseline (like track(): writes from

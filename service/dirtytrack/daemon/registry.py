@@ -166,8 +166,8 @@ class Target:
             rows = self.tracker.mappings()
         except Exception:             # noqa: BLE001
             return []
-        return [MappingReport(r["mapping_id"], r["start"], r["end"], r["name"], r["kind"], 0,
-                              "", 0, "lost", None) for r in rows]
+        return [MappingReport(r["mapping_id"], r["start"], r["end"], r["name"], r["kind"],
+                              r["offset"], r["dev"], r["inode"], "lost", None) for r in rows]
 
     def _end(self, state: str) -> None:
         self.state = state
