@@ -234,3 +234,17 @@ def test_plain_tcp_with_the_insecure_flag_serves_plaintext():
         assert oct(os.stat(d.socket).st_mode & 0o777) == "0o600"
     finally:
         d.close()
+
+
+def test_unreadable_tls_files_are_refused_at_startup_clearly(tmp_path, pki):
+    """A typo in a certificate path: one line saying which file, before anything is served."""
+    sock = tmp_path / "s" / "d.sock"
+    for missing in ("--tls-cert", "--tls-key", "--tls-client-ca"):
+        files = {"--tls-cert": pki("server.pem"), "--tls-key": pki("server.key"),
+                 "--tls-client-ca": pki("ca.pem"), missing: str(tmp_path / "nope.pem")}
+        done = serve("--socket", str(sock), "--listen", f"127.0.0.1:{free_port()}",
+                     *[x for kv in files.items() for x in kv])
+        assert done.returncode != 0, done
+        assert "Traceback" not in done.stderr, done.stderr
+        assert str(tmp_path / "nope.pem") in done.stderr and missing in done.stderr, done.stderr
+        assert not sock.exists(), "nothing may be served (or left behind) on a refused start"
