@@ -4,6 +4,8 @@ targets (workloads/target.c)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import grpc
@@ -11,7 +13,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from daemon_support import Daemon
+from daemon_support import Daemon, _pythonpath
 from dirtytrack.daemon.client import Client
 from dirtytrack.v1 import dirtytrack_pb2 as pb
 from workloads.target import PAGE, Target, target_binary
@@ -161,3 +163,17 @@ def test_cursor_in_use_does_not_expire(client, target, how):
     s = client.collect(cursor, after_seq=0)          # resume after the last acknowledged set
     assert s.seq == 1 and in_buf(s.pages(), buf, npages) == written | {9}
     client.stub.Detach(pb.DetachRequest(target_id=tid), timeout=10)
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan"])
+def test_a_non_positive_expiry_is_refused_at_startup(tmp_path, value):
+    """The janitor sleeps expiry / 4 between checks: 0 or less made it spin at 100 % CPU
+    (and drop every cursor the moment it was opened)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "dirtytrack", "serve", "--socket", str(tmp_path / "d.sock")],
+        capture_output=True, text=True, timeout=20,
+        env=dict(os.environ, PYTHONPATH=_pythonpath(), DIRTYTRACK_CONFIG="/dev/null",
+                 DIRTYTRACK_CURSOR_IDLE_TIMEOUT_S=value))
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "cursor_idle_timeout_s" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "d.sock").exists()
