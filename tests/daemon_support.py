@@ -28,7 +28,7 @@ def _pythonpath() -> str:
 
 
 class Daemon:
-    def __init__(self, *extra: str, sock_dir: str | None = None):
+    def __init__(self, *extra: str, sock_dir: str | None = None, env: dict | None = None):
         self.dir = sock_dir or tempfile.mkdtemp(prefix="dt-")
         os.chmod(self.dir, 0o700)
         self.socket = os.path.join(self.dir, "d.sock")
@@ -37,7 +37,8 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dirtytrack", "serve", "--socket", self.socket,
              "--log-level", "INFO", *extra],
-            env=dict(os.environ, PYTHONPATH=_pythonpath(), DIRTYTRACK_CONFIG="/dev/null"),
+            env=dict(os.environ, PYTHONPATH=_pythonpath(), DIRTYTRACK_CONFIG="/dev/null",
+                     **(env or {})),
             stdout=self.log, stderr=self.log, preexec_fn=_die_with_parent)
         self.wait_serving()
 

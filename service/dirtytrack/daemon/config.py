@@ -112,6 +112,9 @@ def check(cfg: Config) -> None:
     if not 1 <= cfg.min_interval_ms <= cfg.default_interval_ms <= cfg.max_interval_ms:
         raise ConfigError("intervals must satisfy 1 <= min_interval_ms <= default_interval_ms "
                           "<= max_interval_ms")
+    if not cfg.cursor_idle_timeout_s > 0:           # also refuses NaN
+        raise ConfigError(f"cursor_idle_timeout_s = {cfg.cursor_idle_timeout_s:g} must be a "
+                          "positive number of seconds")
     if not 64 << 10 <= cfg.max_message_bytes <= 4 << 20:
         raise ConfigError("max_message_bytes must be between 64 KiB and 4 MiB (gRPC's default "
                           "receive limit)")

@@ -205,6 +205,7 @@ class Cursor:
     def release(self, token: object) -> None:
         if self.consumer is token:
             self.consumer = None
+            self.last_used = time.monotonic()    # in use until now: idle from here on
 
     def held_bytes(self) -> int:
         return self.pending.held_bytes() + sum(s.held_bytes() for _, s in self.unacked)

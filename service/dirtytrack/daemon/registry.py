@@ -253,8 +253,9 @@ class Registry:
         if c is None:
             self._foreign("cursor", cursor_id)
             why = self.tombstones.get(cursor_id, "no such cursor")
-            raise NotFound("cursor", cursor_id, f"cursor {cursor_id}: {why}. Open a new "
-                           "cursor with OpenCursor; its sets start from then")
+            raise NotFound("cursor", cursor_id, f"cursor {cursor_id}: {why}. What it still "
+                           "owed is gone: open a new cursor with OpenCursor (start_full) and "
+                           "resend everything")
         c.last_used = time.monotonic()
         return c
 

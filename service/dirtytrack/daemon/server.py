@@ -45,12 +45,22 @@ def _prepare_socket(path: str) -> None:
             probe.close()
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+def _read(path: str, flag: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise SystemExit(f"dirtytrack serve: {flag} {path}: {exc.strerror}") from None
 
 
 async def serve(config, ready=None) -> int:
+    creds = None
+    if config.listen and not config.insecure_tcp:    # read before anything is served
+        creds = grpc.ssl_server_credentials(
+            [(_read(config.tls_key, "--tls-key"), _read(config.tls_cert, "--tls-cert"))],
+            root_certificates=(_read(config.tls_client_ca, "--tls-client-ca")
+                               if config.tls_client_ca else None),
+            require_client_auth=bool(config.tls_client_ca))
     registry = Registry(config)
     options = [("grpc.max_send_message_length", 4 << 20),
                ("grpc.max_receive_message_length", 4 << 20),
@@ -70,13 +80,9 @@ async def serve(config, ready=None) -> int:
         finally:
             os.umask(old)
     if config.listen:
-        if config.insecure_tcp:
+        if creds is None:
             server.add_insecure_port(config.listen)
         else:
-            creds = grpc.ssl_server_credentials(
-                [(_read(config.tls_key), _read(config.tls_cert))],
-                root_certificates=_read(config.tls_client_ca) if config.tls_client_ca else None,
-                require_client_auth=bool(config.tls_client_ca))
             server.add_secure_port(config.listen, creds)
     await server.start()
     if config.socket:
