@@ -219,3 +219,23 @@ def test_a_bad_value_names_its_layer_and_stops_serve(tmp_path, where):
     ok = subprocess.run(args + ["--interval-ms", "100", "--listen", "127.0.0.1:1"],
                         env=env, capture_output=True, text=True, timeout=20)
     assert ok.returncode == 2 and "fast" not in ok.stderr and "needs TLS" in ok.stderr, ok.stderr
+
+
+def test_port_in_use_is_one_clear_line(tmp_path):
+    """Another process holds the TCP port: serve says so and leaves no socket."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    sock = str(tmp_path / "d" / "dirtytrack.sock")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dirtytrack", "serve", "--socket", sock,
+             "--listen", f"127.0.0.1:{port}", "--insecure-tcp"],
+            capture_output=True, text=True, timeout=30, env=clean_env())
+    finally:
+        holder.close()
+    assert proc.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(sock)

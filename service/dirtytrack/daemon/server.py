@@ -80,10 +80,16 @@ async def serve(config, ready=None) -> int:
         finally:
             os.umask(old)
     if config.listen:
-        if creds is None:
-            server.add_insecure_port(config.listen)
-        else:
-            server.add_secure_port(config.listen, creds)
+        try:
+            if creds is None:
+                server.add_insecure_port(config.listen)
+            else:
+                server.add_secure_port(config.listen, creds)
+        except RuntimeError:
+            if config.socket and os.path.exists(config.socket):
+                os.unlink(config.socket)
+            raise SystemExit(f"dirtytrack serve: cannot listen on {config.listen}: the address "
+                             "is in use or not local (another daemon? choose another port)") from None
     await server.start()
     if config.socket:
         os.chmod(config.socket, 0o600)
