@@ -229,3 +229,26 @@ def test_containerfile_copies_files_that_exist_and_runs_the_daemon():
     assert 'ENTRYPOINT ["dirtytrack"]' in lines
     with open(os.path.join(REPO, "pyproject.toml")) as f:
         assert 'dirtytrack = "dirtytrack.cli:main"' in f.read()
+
+
+def test_health_port_answers_probes_and_serves_nothing_else():
+    """The DaemonSet's probe port: grpc.health.v1 in plain TCP, the API never."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from daemon_support import Daemon
+    from dirtytrack.v1 import dirtytrack_pb2 as pb
+    from dirtytrack.v1 import dirtytrack_pb2_grpc as pb_grpc
+    import socket as socket_mod
+    with socket_mod.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = Daemon("--health-listen", f"127.0.0.1:{port}")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert r.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.DirtyTrackerStub(ch).ListTargets(pb.ListTargetsRequest(), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        d.close()
