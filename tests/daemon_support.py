@@ -37,8 +37,9 @@ class Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dirtytrack", "serve", "--socket", self.socket,
              "--log-level", "INFO", *extra],
+            # metrics off unless a test asks (--metrics-listen): the default port is shared
             env=dict(os.environ, PYTHONPATH=_pythonpath(), DIRTYTRACK_CONFIG="/dev/null",
-                     **(env or {})),
+                     **{"DIRTYTRACK_METRICS_LISTEN": "", **(env or {})}),
             stdout=self.log, stderr=self.log, preexec_fn=_die_with_parent)
         self.wait_serving()
 

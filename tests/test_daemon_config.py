@@ -29,7 +29,9 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="attaching needs root 
 
 def clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIRTYTRACK_")}
-    env.update(PYTHONPATH=_pythonpath(), DIRTYTRACK_CONFIG="/dev/null")
+    # no metrics endpoint: its default port would be shared by every daemon here
+    env.update(PYTHONPATH=_pythonpath(), DIRTYTRACK_CONFIG="/dev/null",
+               DIRTYTRACK_METRICS_LISTEN="")
     env.update(extra)
     return env
 

@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="allow --listen without TLS (trusted networks only)")
     serve.add_argument("--interval-ms", type=int, help="default scan interval (1000)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING (INFO)")
+    serve.add_argument("--metrics-listen", help="Prometheus /metrics on HOST:PORT "
+                       "(default 127.0.0.1:9476; \"\" disables)")
+    serve.add_argument("--health-listen", help="plain-TCP HOST:PORT serving only the gRPC "
+                       "health service (Kubernetes grpc probes; default off)")
     serve.set_defaults(func=_daemon("cmd_serve"))
 
     attach = sub.add_parser("attach", help="have the daemon track a process")

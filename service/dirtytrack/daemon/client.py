@@ -144,8 +144,11 @@ class Client:
     def collect(self, cursor_id: str, after_seq: int | None = None, timeout=60) -> DirtySetView:
         """The set after `after_seq` (default: the last one this client received)."""
         after = self._last.get(cursor_id, 0) if after_seq is None else after_seq
-        view = join_chunks(r.chunk for r in self.stub.Collect(
-            pb.CollectRequest(cursor_id=cursor_id, after_seq=after), timeout=timeout))
+        responses = self.stub.Collect(pb.CollectRequest(cursor_id=cursor_id, after_seq=after),
+                                      timeout=timeout)
+        view = join_chunks(r.chunk for r in responses)
+        for _ in responses:          # the server ends the call after the last chunk: read its
+            pass                     # OK status rather than cancel it (metrics count CANCELLED)
         self._last[cursor_id] = view.seq
         return view
 

@@ -21,7 +21,8 @@ def cmd_serve(args) -> int:
     flags = dict(socket=args.socket, listen=args.listen, tls_cert=args.tls_cert,
                  tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                  insecure_tcp=True if args.insecure_tcp else None,
-                 default_interval_ms=args.interval_ms, log_level=args.log_level)
+                 default_interval_ms=args.interval_ms, log_level=args.log_level,
+                 metrics_listen=args.metrics_listen, health_listen=args.health_listen)
     if args.no_socket:
         flags["socket"] = ""
     try:
@@ -194,7 +195,7 @@ def run_demo(size: str, seconds: float, interval_ms: int, rate: int, out=sys.std
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] +
         [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     daemon = subprocess.Popen([sys.executable, "-m", "dirtytrack", "serve", "--socket", sock,
-                               "--log-level", "WARNING"], env=env)
+                               "--log-level", "WARNING", "--metrics-listen", ""], env=env)
     work = subprocess.Popen([sys.executable, "-m", "dirtytrack.workload", "--size", size,
                              "--rate", str(rate)], env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, bufsize=1)

@@ -19,6 +19,7 @@ else:                                    # pragma: no cover
 
 DEFAULT_CONFIG_FILE = "/etc/dirtytrack/dirtytrack.toml"
 DEFAULT_SOCKET = "/run/dirtytrack/dirtytrack.sock"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9476"
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Config:
     cursor_idle_timeout_s: float = 3600.0  # cursors nobody reads for this long are dropped
     shutdown_grace_s: float = 2.0
     log_level: str = "INFO"
+    metrics_listen: str = DEFAULT_METRICS_LISTEN  # Prometheus /metrics on HOST:PORT ("" = off)
+    health_listen: str = ""                # plain-TCP HOST:PORT serving only grpc.health.v1
 
 
 class ConfigError(ValueError):
@@ -115,6 +118,12 @@ def check(cfg: Config) -> None:
     if not cfg.cursor_idle_timeout_s > 0:           # also refuses NaN
         raise ConfigError(f"cursor_idle_timeout_s = {cfg.cursor_idle_timeout_s:g} must be a "
                           "positive number of seconds")
+    for name in ("metrics_listen", "health_listen"):
+        value = getattr(cfg, name)
+        host, sep, port = value.rpartition(":")
+        if value and not (sep and port.isdigit() and int(port) < 65536):
+            raise ConfigError(f"{name} = {value!r} is not HOST:PORT (e.g. 127.0.0.1:9476; "
+                              "\"\" disables it)")
     if not 64 << 10 <= cfg.max_message_bytes <= 4 << 20:
         raise ConfigError("max_message_bytes must be between 64 KiB and 4 MiB (gRPC's default "
                           "receive limit)")

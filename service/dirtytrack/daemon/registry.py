@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dirtytrack._core import PAGE_SIZE
 from dirtytrack.daemon.cursors import INTERNAL_ERROR, CURSOR_STARTED_FULL, Cursor
 from dirtytrack.daemon.errors import BadRequest, NotFound, Precondition
+from dirtytrack.daemon.stats import ScanStats
 from dirtytrack.maps import Selection
 from dirtytrack.process import MappingReport, ProcessTracker
 
@@ -48,6 +49,7 @@ class Target:
         self.error = ""
         self.scans = 0
         self.last_scan_us = 0
+        self.stats = ScanStats(self.pid)                 # what scans produced (metrics)
         self.events = collections.deque(maxlen=64)      # (MappingReport, unix_ns)
         self.intervals: dict[object, float] = {}
         self._lock = asyncio.Lock()
@@ -121,10 +123,12 @@ class Target:
             try:
                 report = await loop.run_in_executor(self.registry.executor, self.tracker.collect)
             except Exception as exc:       # noqa: BLE001 - every failure must reach clients
+                self.stats.record_failure((time.monotonic_ns() - mono) / 1e9)
                 self._failed_scan(exc)
                 return
             self.scans += 1
             self.last_scan_us = (time.monotonic_ns() - mono) // 1000
+            self.stats.record_scan(report, mono, (time.monotonic_ns() - mono) / 1e9)
             for m in report.mappings:
                 if m.status in ("lost", "removed"):
                     self.events.append((m, unix))
@@ -282,6 +286,7 @@ class Registry:
             self.executor, lambda: ProcessTracker(pid, selection=selection,
                                                   allow_seccomp=allow_seccomp))
         target = Target(self, next(self._target_ids), tracker, selection)
+        target.stats.set_tracked(target.tracked_mappings())
         self.targets[target.id] = target
         target.start()
         log.info("attached %s: pid %d, %d mappings", target.id, pid, len(tracker.mappings()))

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from dirtytrack.daemon.metrics import Metrics
 from dirtytrack.daemon.registry import Registry
 from dirtytrack.daemon.servicer import DirtyTrackerServicer
 from dirtytrack.v1 import dirtytrack_pb2 as pb
@@ -65,7 +66,8 @@ async def serve(config, ready=None) -> int:
     options = [("grpc.max_send_message_length", 4 << 20),
                ("grpc.max_receive_message_length", 4 << 20),
                ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(options=options)
+    metrics = Metrics(registry)
+    server = grpc.aio.server(options=options, interceptors=metrics.interceptors())
     pb_grpc.add_DirtyTrackerServicer_to_server(DirtyTrackerServicer(registry), server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -93,6 +95,13 @@ async def serve(config, ready=None) -> int:
     await server.start()
     if config.socket:
         os.chmod(config.socket, 0o600)
+    metrics.start(config.metrics_listen)
+    probe = None
+    if config.health_listen:         # health only: safe in plain text (Kubernetes grpc probes)
+        probe = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health, probe)
+        probe.add_insecure_port(config.health_listen)
+        await probe.start()
     for name in ("", SERVICE):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     stop = asyncio.Event()
@@ -120,6 +129,9 @@ async def serve(config, ready=None) -> int:
             cursor.wake.set()                 # streams end with UNAVAILABLE
         janitor.cancel()
         await server.stop(config.shutdown_grace_s)
+        if probe is not None:
+            await probe.stop(0)
+        metrics.stop()
         await registry.close()
         if config.socket and os.path.exists(config.socket):
             os.unlink(config.socket)
