@@ -241,3 +241,21 @@ def test_port_in_use_is_one_clear_line(tmp_path):
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(sock)
+
+
+@pytest.mark.parametrize("flag", ["--metrics-listen", "--health-listen"])
+def test_busy_metrics_or_health_port_is_one_clear_line(tmp_path, flag):
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    sock = str(tmp_path / "d" / "dirtytrack.sock")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dirtytrack", "serve", "--socket", sock,
+                               flag, f"127.0.0.1:{port}"],
+                              capture_output=True, text=True, timeout=30, env=clean_env())
+    finally:
+        holder.close()
+    assert proc.returncode != 0
+    assert f"127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not os.path.exists(sock)

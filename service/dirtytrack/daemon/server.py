@@ -81,6 +81,12 @@ async def serve(config, ready=None) -> int:
             server.add_insecure_port(f"unix:{config.socket}")
         finally:
             os.umask(old)
+    def give_up(message: str):
+        # Before anything was started: leave no socket behind, print one line.
+        if config.socket and os.path.exists(config.socket):
+            os.unlink(config.socket)
+        return SystemExit(f"dirtytrack serve: {message}")
+
     if config.listen:
         try:
             if creds is None:
@@ -88,19 +94,26 @@ async def serve(config, ready=None) -> int:
             else:
                 server.add_secure_port(config.listen, creds)
         except RuntimeError:
-            if config.socket and os.path.exists(config.socket):
-                os.unlink(config.socket)
-            raise SystemExit(f"dirtytrack serve: cannot listen on {config.listen}: the address "
-                             "is in use or not local (another daemon? choose another port)") from None
-    await server.start()
-    if config.socket:
-        os.chmod(config.socket, 0o600)
-    metrics.start(config.metrics_listen)
+            raise give_up(f"cannot listen on {config.listen}: the address is in use or not "
+                          "local (another daemon? choose another port)") from None
     probe = None
     if config.health_listen:         # health only: safe in plain text (Kubernetes grpc probes)
         probe = grpc.aio.server()
         health_pb2_grpc.add_HealthServicer_to_server(health, probe)
-        probe.add_insecure_port(config.health_listen)
+        try:
+            probe.add_insecure_port(config.health_listen)
+        except RuntimeError:
+            raise give_up(f"cannot serve health checks on {config.health_listen}: the address "
+                          "is in use or not local (set --health-listen to another HOST:PORT)"
+                          ) from None
+    try:
+        metrics.start(config.metrics_listen)
+    except SystemExit as exc:
+        raise give_up(str(exc)) from None
+    await server.start()
+    if config.socket:
+        os.chmod(config.socket, 0o600)
+    if probe is not None:
         await probe.start()
     for name in ("", SERVICE):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
