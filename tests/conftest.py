@@ -46,3 +46,26 @@ def hugepages():
         except OSError as exc:
             pytest.skip(f"no hugetlb pages on this machine: {exc}")
     return need
+
+
+@pytest.fixture(scope="session")
+def target_bin(tmp_path_factory):
+    """tests/workloads/target.c, compiled once per session."""
+    from workloads.target import target_binary
+    return target_binary(str(tmp_path_factory.mktemp("workloads")))
+
+
+@pytest.fixture
+def target(target_bin):
+    """Factory of real target processes (workloads/target.c), killed after the test."""
+    from workloads.target import Target
+    made = []
+
+    def start():
+        t = Target(target_bin)
+        made.append(t)
+        return t
+
+    yield start
+    for t in made:
+        t.close()

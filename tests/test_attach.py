@@ -11,29 +11,11 @@ import pytest
 
 import dirtytrack
 from dirtytrack import InvalidRange, ProcessGone
-from workloads.target import PAGE, Target, target_binary
+from workloads.target import PAGE
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="attaching with ptrace needs root "
                                 "(CAP_SYS_PTRACE)")
 
-
-@pytest.fixture(scope="session")
-def target_bin(tmp_path_factory):
-    return target_binary(str(tmp_path_factory.mktemp("workloads")))
-
-
-@pytest.fixture
-def target(target_bin):
-    made = []
-
-    def start() -> Target:
-        t = Target(target_bin)
-        made.append(t)
-        return t
-
-    yield start
-    for t in made:
-        t.close()
 
 
 def our_fds():

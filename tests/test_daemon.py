@@ -21,7 +21,7 @@ from daemon_support import Daemon, _pythonpath
 from dirtytrack.daemon.client import Client, join_chunks
 from dirtytrack.v1 import dirtytrack_pb2 as pb
 from dirtytrack.v1 import dirtytrack_pb2_grpc as pb_grpc
-from workloads.target import PAGE, Target, target_binary
+from workloads.target import PAGE, Target
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="attaching needs root (ptrace)")
 
@@ -32,24 +32,6 @@ def daemon():
     yield d
     d.close()
 
-
-@pytest.fixture(scope="module")
-def target_bin(tmp_path_factory):
-    return target_binary(str(tmp_path_factory.mktemp("workloads")))
-
-
-@pytest.fixture
-def target(target_bin):
-    made = []
-
-    def start() -> Target:
-        t = Target(target_bin)
-        made.append(t)
-        return t
-
-    yield start
-    for t in made:
-        t.close()
 
 
 @pytest.fixture

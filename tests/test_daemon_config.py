@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from daemon_support import _die_with_parent, _pythonpath
 from dirtytrack.daemon.client import Client
-from workloads.target import Target, target_binary
+from workloads.target import Target
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="attaching needs root (ptrace)")
 
@@ -93,11 +93,6 @@ def serve(tmp_path):
     yield start
     for s in started:
         s.close()
-
-
-@pytest.fixture(scope="module")
-def target_bin(tmp_path_factory):
-    return target_binary(str(tmp_path_factory.mktemp("workloads")))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from grpc_status import rpc_status
 from daemon_support import Daemon, _pythonpath
 from dirtytrack.daemon.client import Client
 from dirtytrack.v1 import dirtytrack_pb2 as pb
-from workloads.target import PAGE, Target, target_binary
+from workloads.target import PAGE
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="attaching needs root (ptrace)")
 
@@ -30,16 +30,10 @@ def daemon():
     d.close()
 
 
-@pytest.fixture(scope="module")
-def target_bin(tmp_path_factory):
-    return target_binary(str(tmp_path_factory.mktemp("workloads")))
-
-
 @pytest.fixture
-def target(target_bin):
-    t = Target(target_bin)
-    yield t
-    t.close()
+def target(target):
+    """One target process (conftest's factory, used once)."""
+    return target()
 
 
 @pytest.fixture

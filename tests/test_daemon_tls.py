@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from daemon_support import Daemon, _pythonpath
 from dirtytrack.daemon.client import Client
 from dirtytrack.v1 import dirtytrack_pb2 as pb
-from workloads.target import PAGE, Target, target_binary
+from workloads.target import PAGE, Target
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="attaching needs root (ptrace)")
 
@@ -97,16 +97,10 @@ def mtls(pki):
     d.close()
 
 
-@pytest.fixture(scope="module")
-def target_bin(tmp_path_factory):
-    return target_binary(str(tmp_path_factory.mktemp("workloads")))
-
-
 @pytest.fixture
-def target(target_bin):
-    t = Target(target_bin)
-    yield t
-    t.close()
+def target(target):
+    """One target process (conftest's factory, used once)."""
+    return target()
 
 
 def health(channel: grpc.Channel, timeout: float = 5):

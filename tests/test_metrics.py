@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon_support import Daemon, _die_with_parent
 from dirtytrack.daemon.client import Client
-from workloads.target import PAGE, Target, target_binary
+from workloads.target import PAGE, Target
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="attaching needs root (ptrace)")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,11 +65,6 @@ def eventually(port: int, ok, timeout: float = 5.0) -> dict:
 def series(samples: dict, name: str, **labels) -> list:
     want = set(labels.items())
     return [dict(ls) for (n, ls) in samples if n == name and want <= ls]
-
-
-@pytest.fixture(scope="module")
-def target_bin(tmp_path_factory):
-    return target_binary(str(tmp_path_factory.mktemp("workloads")))
 
 
 def test_scraped_counters_match_what_was_written(target_bin):

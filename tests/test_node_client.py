@@ -19,7 +19,7 @@ import pytest
 from daemon_support import Daemon
 from dirtytrack.daemon.client import Client
 from dirtytrack.v1 import dirtytrack_pb2 as pb
-from workloads.target import PAGE, Target, target_binary
+from workloads.target import PAGE
 
 NODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "node")
 NODE = shutil.which("node")
@@ -41,16 +41,10 @@ def daemon():
     d.close()
 
 
-@pytest.fixture(scope="module")
-def target_bin(tmp_path_factory):
-    return target_binary(str(tmp_path_factory.mktemp("workloads")))
-
-
 @pytest.fixture
-def target(target_bin):
-    t = Target(target_bin)
-    yield t
-    t.close()
+def target(target):
+    """One target process (conftest's factory, used once)."""
+    return target()
 
 
 class NodeClient:
