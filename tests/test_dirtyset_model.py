@@ -409,6 +409,11 @@ def check_encoding(d, m):
     header_bound = 5 + 10 + (10 + reason_len if m.reason is not None else 0)
     assert len(enc) <= (m.npages + 7) // 8 + header_bound
     assert enc == ref_encode(m.npages, m.ranges(), m.reason)
+    # wire(): the same choice, the body alone (what MappingDirty carries), the count
+    form, body, count = d.wire()
+    assert form == ("runs" if enc[3] == 0 else "bitmap")
+    assert body == (runs[len(varint(len(m.ranges()))):] if form == "runs" else bitmap)
+    assert count == len(m.pages)
     back = DirtySet.decode(enc)
     assert back == d
     check(back, m)

@@ -51,15 +51,3 @@ cdef inline uint64_t bits_count(const uint64_t *w, uint64_t nwords) noexcept nog
     for i in range(nwords):
         total += <uint64_t>__builtin_popcountll(w[i])
     return total
-
-
-cdef inline uint64_t bits_count_runs(const uint64_t *w, uint64_t nwords) noexcept nogil:
-    """Number of maximal runs of set bits: count of 0->1 transitions."""
-    cdef uint64_t total = 0
-    cdef uint64_t carry = 0      # top bit of the previous word, moved to bit 0
-    cdef uint64_t i, word
-    for i in range(nwords):
-        word = w[i]
-        total += <uint64_t>__builtin_popcountll(word & ~((word << 1) | carry))
-        carry = word >> 63
-    return total

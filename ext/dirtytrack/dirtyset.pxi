@@ -48,18 +48,77 @@ cdef inline int varint_get(const uint8_t **p, const uint8_t *end, uint64_t *out)
         shift += 7
 
 
-cdef inline uint64_t runs_encoded_size(const uint64_t *w, uint64_t npages) noexcept nogil:
-    """Bytes the run body (gap, length varints) of this bitmap would take."""
-    cdef uint64_t size = 0
-    cdef uint64_t prev = 0
-    cdef uint64_t first = bits_find(w, npages, 0, 1)
-    cdef uint64_t stop
-    while first < npages:
-        stop = bits_find(w, npages, first, 0)
-        size += varint_size(first - prev) + varint_size(stop - first)
-        prev = stop
-        first = bits_find(w, npages, stop, 1)
-    return size
+cdef enum:
+    WIRE_SLACK = 128
+
+
+cdef struct WireBody:
+    uint64_t count      # pages in the set
+    uint64_t nruns      # maximal runs (valid only when kind == KIND_RUNS)
+    uint64_t size       # bytes of the body written to the output buffer
+    int kind            # KIND_RUNS: (gap, length) pairs; KIND_BITMAP: the raw bitmap
+
+
+cdef void wire_body(const uint64_t *w, uint64_t nwords, uint64_t npages,
+                    uint8_t *out, WireBody *res) noexcept nogil:
+    """One pass over the words: the page count, and the run body written
+    straight to `out` until it stops being smaller than the bitmap, in which
+    case the bitmap is copied there instead. `out` holds at least
+    ceil(npages / 8) + WIRE_SLACK bytes: the check is once a word, and one
+    word adds at most 2 pairs of 10-byte varints and 31 pairs of 1 byte. The choice is the one encode() documents:
+    runs when count varint + pairs <= bitmap bytes."""
+    cdef uint64_t bitmap_body = (npages + 7) >> 3
+    cdef uint8_t *p = out
+    cdef uint8_t *limit = out + bitmap_body     # pairs past this: the bitmap wins
+    cdef uint64_t i, word, rest, base, start = 0, prev = 0, count = 0, nruns = 0
+    cdef unsigned b, e
+    cdef bint in_run = False, runs = True
+    for i in range(nwords):
+        word = w[i]
+        count += <uint64_t>__builtin_popcountll(word)
+        if not runs:
+            continue
+        base = i << 6
+        if in_run:
+            if word == ~(<uint64_t>0):
+                continue
+            e = <unsigned>__builtin_ctzll(~word)
+            if e:
+                word &= (~(<uint64_t>0)) << e
+            p = varint_put(varint_put(p, start - prev), base + e - start)
+            prev = base + e
+            nruns += 1
+            in_run = False
+        while word:
+            b = <unsigned>__builtin_ctzll(word)
+            rest = ~word & ((~(<uint64_t>0)) << b)     # clear bits from b on
+            if rest == 0:
+                start = base + b
+                in_run = True                          # runs on into the next word
+                break
+            e = <unsigned>__builtin_ctzll(rest)
+            p = varint_put(varint_put(p, base + b - prev), e - b)
+            prev = base + e
+            nruns += 1
+            word &= (~(<uint64_t>0)) << e
+        if p > limit:
+            runs = False
+    if runs and in_run:
+        # Bits past npages are zero, so a run open at the end stops at npages.
+        p = varint_put(varint_put(p, start - prev), npages - start)
+        nruns += 1
+    res.count = count
+    if runs and <uint64_t>(p - out) + varint_size(nruns) <= bitmap_body:
+        res.kind = KIND_RUNS
+        res.nruns = nruns
+        res.size = <uint64_t>(p - out)
+    else:
+        # Words are little-endian on every supported target, so their
+        # bytes are already in wire order.
+        memcpy(out, w, bitmap_body)
+        res.kind = KIND_BITMAP
+        res.nruns = 0
+        res.size = bitmap_body
 
 
 cdef inline int runs_validate(const uint8_t **p, const uint8_t *end, uint64_t nruns,
@@ -248,6 +307,23 @@ cdef class DirtySet:
         return f"<DirtySet {self.count} of {self.npages} pages{lost}>"
 
     # -- wire encoding ----------------------------------------------------
+    cdef bytearray _wire(self, WireBody *res):
+        """The body of wire_body() in a buffer of its exact size."""
+        out = bytearray(((self.npages + 7) >> 3) + WIRE_SLACK)
+        cdef uint8_t *p = out
+        with nogil:
+            wire_body(self.words, self.nwords, self.npages, p, res)
+        del out[res.size:]
+        return out
+
+    def wire(self):
+        """(form, body, count): form "runs" with (gap, length) LEB128 pairs, or
+        "bitmap" (page i at bit i % 8 of byte i // 8), whichever encode() would
+        pick; body is exactly the dirtytrack.v1 MappingDirty field. One pass."""
+        cdef WireBody res
+        body = self._wire(&res)
+        return ("runs" if res.kind == KIND_RUNS else "bitmap"), bytes(body), res.count
+
     def encode(self):
         """Compact bytes: page runs or a raw bitmap, whichever is smaller.
 
@@ -258,43 +334,21 @@ cdef class DirtySet:
         """
         reason = (self.lost_reason.encode("utf-8", "replace")
                   if self.lost_reason is not None else b"")
-        cdef uint64_t nruns, runs_body, bitmap_body
-        with nogil:
-            nruns = bits_count_runs(self.words, self.nwords)
-            runs_body = varint_size(nruns) + runs_encoded_size(self.words, self.npages)
-        bitmap_body = (self.npages + 7) // 8
-        cdef int kind = KIND_RUNS if runs_body <= bitmap_body else KIND_BITMAP
-        cdef uint64_t body = runs_body if kind == KIND_RUNS else bitmap_body
-        cdef uint64_t header = 5 + varint_size(self.npages)
-        if self.lost_reason is not None:
-            header += varint_size(len(reason)) + len(reason)
-        out = bytearray(header + body)
-        cdef uint8_t *start = out
-        cdef uint8_t *p = start
-        cdef uint64_t first, stop, prev = 0
-        p[0] = b'D'; p[1] = b'T'; p[2] = ENCODING_VERSION; p[3] = kind
+        cdef WireBody res
+        body = self._wire(&res)
+        cdef uint8_t head[40]
+        cdef uint8_t *p = head
+        p[0] = b'D'; p[1] = b'T'; p[2] = ENCODING_VERSION; p[3] = res.kind
         p[4] = FLAG_LOST if self.lost_reason is not None else 0
         p = varint_put(p + 5, self.npages)
         if self.lost_reason is not None:
             p = varint_put(p, len(reason))
-            memcpy(p, <const char *>reason, len(reason))
-            p += len(reason)
-        with nogil:
-            if kind == KIND_RUNS:
-                p = varint_put(p, nruns)
-                first = bits_find(self.words, self.npages, 0, 1)
-                while first < self.npages:
-                    stop = bits_find(self.words, self.npages, first, 0)
-                    p = varint_put(p, first - prev)
-                    p = varint_put(p, stop - first)
-                    prev = stop
-                    first = bits_find(self.words, self.npages, stop, 1)
-            else:
-                # Words are little-endian on every supported target, so their
-                # bytes are already in wire order.
-                memcpy(p, self.words, bitmap_body)
-                p += bitmap_body
-        assert <uint64_t>(p - start) == header + body
+        out = bytearray((<char *>head)[:p - head])
+        out += reason
+        if res.kind == KIND_RUNS:
+            p = varint_put(head, res.nruns)
+            out += (<char *>head)[:p - head]
+        out += body
         return bytes(out)
 
     @staticmethod

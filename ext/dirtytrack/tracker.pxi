@@ -18,9 +18,30 @@ cdef enum:
     WRITEPROTECT_RETRIES = 100
 
 
+cdef struct ScanSink:
+    # Where a scan puts its runs: a RunBuf (scan()), or straight into the
+    # words of a DirtySet (collect(): no run list in between).
+    RunBuf *runs
+    uint64_t *words
+    uint64_t last_first     # first page of the previous run, for the order check
+
+
+cdef inline int sink_add(ScanSink *sink, uint64_t first, uint64_t stop) noexcept nogil:
+    """0, ENOMEM, or EIO for a run starting before the previous one: the
+    kernel's walk is ascending, anything else means the scan is not understood
+    (the caller treats the region as lost), even where a bitmap would not mind."""
+    if first < sink.last_first:
+        return EIO
+    sink.last_first = first
+    if sink.runs != NULL:
+        return runbuf_append(sink.runs, first, stop)
+    bits_set_range(sink.words, first, stop)
+    return 0
+
+
 cdef int scan_range(int pagemap_fd, page_region *vec, uint64_t vec_len,
                     uint64_t start, uint64_t end, unsigned page_shift,
-                    RunBuf *out) noexcept nogil:
+                    ScanSink *out) noexcept nogil:
     """Collect and re-protect the written pages of [start, end) into `out`,
     as page indexes relative to `start`. Returns 0 or an errno."""
     cdef pm_scan_arg arg
@@ -49,8 +70,8 @@ cdef int scan_range(int pagemap_fd, page_region *vec, uint64_t vec_len,
             stop = vec[i].end if vec[i].end < end else end
             if first >= stop:
                 continue
-            rc = runbuf_append(out, (first - start) >> page_shift,
-                               (stop - start + page_mask) >> page_shift)
+            rc = sink_add(out, (first - start) >> page_shift,
+                          (stop - start + page_mask) >> page_shift)
             if rc:
                 return rc
         # The walk may stop short of `end` (full vector, or a huge page it
@@ -400,13 +421,14 @@ cdef class Tracker:
         if not err:
             r.lost_reason = None
 
-    cdef RunList _scan(self, Region r):
-        cdef RunList runs = RunList(r.npages)
+    cdef object _scan(self, Region r, ScanSink *sink):
+        """Scan r into sink. Returns None, or why r must be reported whole
+        (lost): the caller then marks its set lost."""
         cdef int err = 0
         if r.lost_reason is None:
             with nogil:
                 err = scan_range(self.pagemap_fd, self.vec, SCAN_VEC_LEN, r.start, r.end,
-                                 self.page_shift, &runs.buf)
+                                 self.page_shift, sink)
             if err:
                 r.lost_reason = _scan_error_reason(err, r.start, r.end)
             else:
@@ -414,26 +436,46 @@ cdef class Tracker:
                 if gap is not None:
                     r.lost_reason = (f"tracking of [{r.start:#x}, {r.end:#x}) was lost: "
                                      f"nothing is mapped at {gap:#x} any more (munmap or mremap)")
-        if r.lost_reason is not None:
-            runs._mark_lost(r.lost_reason)
+        reason = r.lost_reason
+        if reason is not None:
             self._rearm(r)
-        return runs
+        return reason
+
+    cdef int _check_region(self, Region region) except -1:
+        self._check_open()
+        if region.removed or region not in self._regions:
+            raise InvalidRange(f"{region!r} is not tracked by this tracker")
+        return 0
 
     def scan(self, Region region not None):
         """Pages of `region` written since its previous scan, as a RunList
         (page indexes relative to region.start). The pages are protected
         again in the same kernel walk."""
+        cdef RunList runs = RunList(region.npages)
+        cdef ScanSink sink
+        sink.runs = &runs.buf
+        sink.words = NULL
+        sink.last_first = 0
         with self._lock:
-            self._check_open()
-            if region.removed or region not in self._regions:
-                raise InvalidRange(f"{region!r} is not tracked by this tracker")
-            return self._scan(region)
+            self._check_region(region)
+            reason = self._scan(region, &sink)
+        if reason is not None:
+            runs._mark_lost(reason)
+        return runs
 
     def collect(self, Region region not None):
-        """Pages of `region` written since its previous collect, as a DirtySet."""
-        cdef RunList runs = self.scan(region)
+        """Pages of `region` written since its previous collect, as a DirtySet
+        (filled from the kernel's answer directly, no RunList in between)."""
         cdef DirtySet d = DirtySet(region.npages)
-        d.add_runs(runs)
+        cdef ScanSink sink
+        sink.runs = NULL
+        sink.words = d.words
+        sink.last_first = 0
+        with self._lock:
+            self._check_region(region)
+            reason = self._scan(region, &sink)
+        if reason is not None:
+            d.mark_lost(reason)
         return d
 
     def collect_all(self):

@@ -12,7 +12,7 @@ import fnmatch
 import os
 from dataclasses import dataclass
 
-__all__ = ["VMA", "Selection", "parse_maps", "read_maps"]
+__all__ = ["VMA", "Selection", "parse_maps", "read_maps", "read_maps_bytes"]
 
 # Mappings the kernel provides: never registrable, never the program's data.
 SPECIAL = ("[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]", "[uprobes]")
@@ -78,9 +78,9 @@ def parse_maps(text: str) -> list[VMA]:
     return vmas
 
 
-def read_maps(fd: int) -> list[VMA]:
-    """Parse /proc/PID/maps through an fd opened while the process was pinned
-    (so a recycled PID can never substitute another process's mappings)."""
+def read_maps_bytes(fd: int) -> bytes:
+    """The text of /proc/PID/maps through an fd opened while the process was
+    pinned (so a recycled PID can never substitute another process's mappings)."""
     os.lseek(fd, 0, os.SEEK_SET)
     chunks = []
     while True:
@@ -88,7 +88,12 @@ def read_maps(fd: int) -> list[VMA]:
         if not chunk:
             break
         chunks.append(chunk)
-    return parse_maps(b"".join(chunks).decode("utf-8", "surrogateescape"))
+    return b"".join(chunks)
+
+
+def read_maps(fd: int) -> list[VMA]:
+    """Parse /proc/PID/maps through a pinned fd (see read_maps_bytes)."""
+    return parse_maps(read_maps_bytes(fd).decode("utf-8", "surrogateescape"))
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Cursor sets -> dirtytrack.v1 messages.
 
 Each mapping's pages go out as runs or a bitmap, whichever is smaller. Both
-come straight from DirtySet.encode(), computed without the GIL: its body is
-already (gap, length) LEB128 pairs or an LSB-first bitmap, exactly the wire
-forms of MappingDirty.runs / .bitmap, so no Python loop touches a page. A
+come straight from DirtySet.wire(), one pass without the GIL that also counts
+the pages: its body is already (gap, length) LEB128 pairs or an LSB-first
+bitmap, exactly the wire forms of MappingDirty.runs / .bitmap, so no Python
+loop touches a page. A
 mapping whose encoding exceeds the message budget is split into page ranges
 (first_page, npages), and pieces are packed into chunks below the limit.
 """
@@ -35,28 +36,11 @@ def _put_varint(out: bytearray, value: int) -> None:
     out.append(value)
 
 
-def split_encoding(d: DirtySet) -> tuple[str, bytes]:
-    """("runs", gap/length varint pairs) or ("bitmap", bytes), the smaller,
-    taken from DirtySet.encode() (layout in ext/dirtytrack/dirtyset.pxi)."""
-    enc = d.encode()
-    if enc[:3] != b"DT\x01":
-        raise ValueError("unknown DirtySet encoding version: update daemon/encoding.py")
-    kind, flags = enc[3], enc[4]
-    _, pos = _varint(enc, 5)                       # npages
-    if flags & 1:                                  # lost: skip the reason
-        n, pos = _varint(enc, pos)
-        pos += n
-    if kind == 0:
-        _, pos = _varint(enc, pos)                 # run count
-        return "runs", enc[pos:]
-    return "bitmap", enc[pos:]
-
-
 def pieces(d: DirtySet, budget: int):
     """(first_page, npages, form, body, count) covering the set, each body <= budget."""
-    form, body = split_encoding(d)
+    form, body, count = d.wire()
     if len(body) <= budget:
-        yield 0, d.npages, form, body, d.count
+        yield 0, d.npages, form, body, count
         return
     if form == "bitmap":
         step = max(1, budget // 8) * 8             # bytes, a multiple of 64 pages
@@ -87,9 +71,13 @@ def encode_set(state, *, cursor_id: str, target_id: str, seq: int,
                max_bytes: int) -> list[pb.DirtySetChunk]:
     """The chunks of one set, each serialising below max_bytes."""
     budget = max(4096, max_bytes - 4 * PIECE_OVERHEAD)
+    # Encoded first: the pieces carry the page counts the header needs.
+    encoded = [(mapping_id, owed, list(pieces(owed.dirty, budget)))
+               for mapping_id, owed in sorted(state.mappings.items())]
     common = dict(cursor_id=cursor_id, target_id=target_id, seq=seq, page_size=PAGE_SIZE,
                   full_resync=state.full_resync, target_exited=state.exited,
-                  set_dirty_pages=state.count, scans=state.scans,
+                  set_dirty_pages=sum(p[4] for _, _, ps in encoded for p in ps),
+                  scans=state.scans,
                   scan_started_monotonic_ns=state.scan_mono_ns,
                   scan_started_unix_nanos=state.scan_unix_ns)
     chunks = [pb.DirtySetChunk(**common, chunk_index=0)]
@@ -114,9 +102,9 @@ def encode_set(state, *, cursor_id: str, target_id: str, seq: int,
         entry = pb.RemovedMapping(mapping_id=mapping_id, start=m.start, end=m.end, name=m.name,
                                   reason=reason or "")
         make_room(entry.ByteSize() + 8).removed.append(entry)
-    for mapping_id, owed in sorted(state.mappings.items()):
+    for mapping_id, owed, parts in encoded:
         m = owed.meta
-        for first_page, npages, form, body, count in pieces(owed.dirty, budget):
+        for first_page, npages, form, body, count in parts:
             if not count and owed.status == "tracking":
                 continue                           # nothing written there
             need = len(body) + PIECE_OVERHEAD + len(m.name.encode())
