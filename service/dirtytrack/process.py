@@ -16,6 +16,7 @@ address space, reported as a full resync.
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import threading
@@ -153,7 +154,7 @@ class ProcessTracker:
             self._pidfd = os.pidfd_open(self.pid)
         except ProcessLookupError:
             raise ProcessGone(f"no process {self.pid}: check the pid (ps -p {self.pid})",
-                              3) from None
+                              errno.ESRCH) from None
         self._unowned_uffd = uffd      # ours to close until a Tracker takes it
         try:
             self._refuse_unsuitable()
@@ -170,13 +171,13 @@ class ProcessTracker:
         try:
             state, flags = _stat_flags(self.pid)
         except FileNotFoundError:
-            raise ProcessGone(f"process {self.pid} exited", 3) from None
+            raise ProcessGone(f"process {self.pid} exited", errno.ESRCH) from None
         if flags & PF_KTHREAD:
             raise InvalidRange(f"process {self.pid} is a kernel thread: it has no user "
                                "memory to track")
         if state in ("Z", "X"):
             raise ProcessGone(f"process {self.pid} is a zombie (it exited; its parent has "
-                              "not reaped it): there is no memory left to track", 3)
+                              "not reaped it): there is no memory left to track", errno.ESRCH)
 
     def _start(self, uffd: int | None) -> None:
         """Get a userfaultfd of the target, open its pagemap and maps while it is
@@ -194,7 +195,7 @@ class ProcessTracker:
         maps_fd = os.open(f"/proc/{self.pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
         self._maps_fd = maps_fd
         if self._exited():
-            raise ProcessGone(f"process {self.pid} exited while being attached", 3)
+            raise ProcessGone(f"process {self.pid} exited while being attached", errno.ESRCH)
 
     # -- queries --------------------------------------------------------------
     def _exited(self, timeout: float = 0) -> bool:
