@@ -183,3 +183,19 @@ def test_thp_write_is_tracked_at_4k(tracker):
         assert tracker.collect(region).pages() == [77]
     finally:
         kmem.munmap(base, 2 << 20)
+
+
+def test_maps_text_gap_check_agrees_with_procmap_query(anon, tracker):
+    """The pre-6.11 fallback (first_gap over /proc/self/maps) finds the hole the
+    PROCMAP_QUERY path reports."""
+    from dirtytrack.maps import first_gap, read_maps
+    base = anon(8)
+    region = tracker.add_range(base, 8 * PAGE)
+    fd = os.open("/proc/self/maps", os.O_RDONLY)
+    try:
+        assert first_gap(read_maps(fd), base, base + 8 * PAGE) is None
+        kmem.munmap(base + 3 * PAGE, PAGE)
+        assert first_gap(read_maps(fd), base, base + 8 * PAGE) == base + 3 * PAGE
+    finally:
+        os.close(fd)
+    assert hex(base + 3 * PAGE) in tracker.collect(region).lost_reason

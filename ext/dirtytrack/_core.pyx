@@ -27,6 +27,7 @@ cdef extern from "<unistd.h>" nogil:
 
 import os
 
+from dirtytrack.maps import first_gap, read_maps
 from dirtytrack.errors import (DirtytrackError, InvalidRange, KernelUnsupported,
                                TrackerClosed, error_for)
 

@@ -149,24 +149,6 @@ cdef int find_gap(int maps_fd, uint64_t start, uint64_t end, uint64_t *gap) noex
     return 0
 
 
-def _find_gap_in_maps_text(int pid, uint64_t start, uint64_t end):
-    """find_gap for kernels before 6.11: read /proc/PID/maps."""
-    path = "/proc/self/maps" if pid == 0 else f"/proc/{pid}/maps"
-    cdef uint64_t pos = start
-    with open(path) as maps:
-        for line in maps:
-            lo, _, hi = line.partition(" ")[0].partition("-")
-            vma_start, vma_end = int(lo, 16), int(hi, 16)
-            if vma_end <= pos:
-                continue
-            if vma_start > pos:
-                return pos
-            pos = vma_end
-            if pos >= end:
-                return None
-    return pos if pos < end else None
-
-
 def _scan_error_reason(int err, uint64_t start, uint64_t end):
     rng = f"[{start:#x}, {end:#x})"
     if err == EPERM:
@@ -404,7 +386,8 @@ cdef class Tracker:
             else:
                 self.has_procmap_query = 1
                 return gap if rc == 1 else None
-        return _find_gap_in_maps_text(0 if self.pid == os.getpid() else self.pid, r.start, r.end)
+        # Before 6.11: the maps text, through the fd opened while the process was ours.
+        return first_gap(read_maps(self.maps_fd), r.start, r.end)
 
     cdef void _rearm(self, Region r) noexcept:
         """Try to register and protect a lost region again. On success it is

@@ -96,6 +96,21 @@ def read_maps(fd: int) -> list[VMA]:
     return parse_maps(read_maps_bytes(fd).decode("utf-8", "surrogateescape"))
 
 
+def first_gap(vmas: list[VMA], start: int, end: int) -> int | None:
+    """The first address of [start, end) that no VMA maps, or None if it is
+    wholly mapped (splits by mprotect are fine). `vmas` in address order."""
+    pos = start
+    for vma in vmas:
+        if vma.end <= pos:
+            continue
+        if vma.start > pos:
+            return pos
+        pos = vma.end
+        if pos >= end:
+            return None
+    return pos if pos < end else None
+
+
 @dataclass(frozen=True)
 class Selection:
     """What to track in a process.

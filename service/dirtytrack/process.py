@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from dirtytrack._core import PAGE_SIZE, DirtySet, Region, Tracker
 from dirtytrack.errors import DirtytrackError, InvalidRange, ProcessGone, TrackerClosed
-from dirtytrack.maps import VMA, Selection, parse_maps, read_maps_bytes
+from dirtytrack.maps import VMA, Selection, first_gap, parse_maps, read_maps_bytes
 
 __all__ = ["MappingReport", "ProcessDirtySet", "ProcessTracker", "attach",
            "EXITED", "EXEC", "LOST", "ERROR"]
@@ -266,7 +266,7 @@ class ProcessTracker:
         # still mapped of it comes back below as new.
         kept = []
         for t in self._tracked:
-            if _covered(vmas, t.region.start, t.region.end):
+            if first_gap(vmas, t.region.start, t.region.end) is None:
                 kept.append(t)
                 continue
             gone.append(self._report(t, "removed", None,
@@ -414,19 +414,6 @@ class ProcessTracker:
 
 class _AddressSpaceGone(Exception):
     pass
-
-
-def _covered(vmas: list[VMA], start: int, end: int) -> bool:
-    pos = start
-    for vma in vmas:                 # /proc/PID/maps is in address order
-        if vma.end <= pos:
-            continue
-        if vma.start > pos:
-            return False
-        pos = vma.end
-        if pos >= end:
-            return True
-    return pos >= end
 
 
 def _uncovered(covered: list[tuple[int, int]], start: int, end: int):
